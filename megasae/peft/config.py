@@ -1,0 +1,89 @@
+"""TopKSaeConfig: the PEFT config of a TopK sparse autoencoder (peft_type "TOPK_SAE")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+
+PEFT_TYPE = "TOPK_SAE"
+
+SAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TopKSaeConfig(PeftConfig):
+    """A TopK SAE (or transcoder) on each target module.
+
+    Args:
+        k: Number of latents kept per token.
+        num_latents: Number of latents M; 0 means `expansion_factor` x the width the SAE reads.
+        expansion_factor: Used when `num_latents` is 0.
+        target_modules: Module names, name suffixes (a list) or one regex (a string), as in peft.
+            Targets are `nn.Linear` or modules that return the hidden state (a tensor, or a tuple
+            whose first element is it), such as Hugging Face decoder layers (the residual stream).
+        exclude_modules: Names, suffixes or a regex of modules never to target.
+        transcode: Read the module's input and predict its output (a transcoder) instead of
+            reconstructing its output.
+        k_aux: Latents used by the AuxK loss; None means half the width the SAE writes.
+        auxk_alpha: Weight of the AuxK loss (0 disables it).
+        dead_tokens_threshold: A latent that has not fired for this many tokens is dead.
+        sae_dtype: "float32" (default, even on a bf16 host) or "bfloat16".
+        init_sae_weights: False skips the random init (the weights are about to be loaded).
+    """
+
+    k: int = field(default=32, metadata={"help": "Number of latents kept per token."})
+    num_latents: int = field(
+        default=0, metadata={"help": "Number of latents; 0 means expansion_factor x the width the SAE reads."}
+    )
+    expansion_factor: int = field(default=32, metadata={"help": "Latents per input dimension when num_latents is 0."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or suffixes (list) or a regex (str) of the modules to attach to."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or suffixes (list) or a regex (str) never to attach to."}
+    )
+    transcode: bool = field(
+        default=False, metadata={"help": "Read the module's input and predict its output (a transcoder)."}
+    )
+    k_aux: Optional[int] = field(
+        default=None, metadata={"help": "Latents used by the AuxK loss; None means half the output width."}
+    )
+    auxk_alpha: float = field(default=1 / 32, metadata={"help": "Weight of the AuxK loss; 0 disables it."})
+    dead_tokens_threshold: int = field(
+        default=10_000_000, metadata={"help": "A latent that has not fired for this many tokens is dead."}
+    )
+    sae_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the SAE weights, independent of the host's."}
+    )
+    init_sae_weights: bool = field(
+        default=True, metadata={"help": "False skips the random init, for weights about to be loaded."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}.")
+        if self.num_latents < 0:
+            raise ValueError(f"num_latents must be 0 (use expansion_factor) or positive, got {self.num_latents}.")
+        if self.num_latents and self.k > self.num_latents:
+            raise ValueError(f"k ({self.k}) must be at most num_latents ({self.num_latents}).")
+        if self.num_latents == 0 and self.expansion_factor < 1:
+            raise ValueError(f"expansion_factor must be at least 1 when num_latents is 0, got {self.expansion_factor}.")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise ValueError(f"k_aux must be None (half the output width) or positive, got {self.k_aux}.")
+        if self.auxk_alpha < 0:
+            raise ValueError(f"auxk_alpha must be non-negative, got {self.auxk_alpha}.")
+        if self.sae_dtype not in SAE_DTYPES:
+            raise ValueError(f"sae_dtype must be one of {sorted(SAE_DTYPES)}, got {self.sae_dtype!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAE_DTYPES[self.sae_dtype]

@@ -1,0 +1,94 @@
+"""Model-wide control of the attached SAEs; works on a PeftSaeModel and on a model from inject_adapter_in_model."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import Tensor, nn
+
+from megasae import sae
+from megasae.peft.layer import CaptureSession, SaeMode, StopForward, TopKSaeLayer
+
+
+def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
+    return [m for m in model.modules() if isinstance(m, TopKSaeLayer)]
+
+
+def _active_sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
+    layers = [m for m in sae_layers(model) if m.active_adapters and not m.disable_adapters]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no active TopK SAE; attach one with get_peft_sae_model.")
+    return layers
+
+
+def set_sae_mode(model: nn.Module, mode: SaeMode) -> None:
+    """"capture", "splice", or "auto" (train() captures, eval() splices) for every SAE of the model."""
+    if mode not in ("auto", "capture", "splice"):
+        raise ValueError(f"SAE mode must be 'auto', 'capture' or 'splice', got {mode!r}.")
+    for layer in sae_layers(model):
+        layer.sae_mode = mode
+
+
+@contextmanager
+def capture(
+    model: nn.Module, *, token_mask: Tensor | None = None, stop_after_targets: bool = False
+) -> Iterator[dict[str, sae.SaeOutput]]:
+    """Within the block every forward of `model` captures, and the yielded dict fills with one
+    `SaeOutput` per target module path.
+
+    token_mask: bool, shaped like the activations without their last dimension (e.g. [batch, seq]);
+        only True tokens are read by the SAEs and counted in their losses.
+    stop_after_targets: the forward ends right after the last target module has captured, so later
+        layers and the LM head never run; it then returns the captured outputs.
+    """
+    layers = _active_sae_layers(model)
+    session = CaptureSession(token_mask, stop_after_targets, num_targets=len(layers))
+    for layer in layers:
+        layer.capture_session = session
+    plain_forward = model.forward
+
+    @functools.wraps(plain_forward)
+    def forward(*args, **kwargs):
+        session.captured_this_forward.clear()
+        try:
+            return plain_forward(*args, **kwargs)
+        except StopForward:
+            return session.outputs
+
+    own_forward = model.__dict__.get("forward")  # e.g. an accelerate hook
+    model.forward = forward
+    try:
+        yield session.outputs
+    finally:
+        if own_forward is None:
+            del model.forward  # back to the class's forward
+        else:
+            model.forward = own_forward
+        for layer in layers:
+            layer.capture_session = None
+
+
+def stop_after_targets(model: nn.Module, *, token_mask: Tensor | None = None):
+    """`capture(model, token_mask=..., stop_after_targets=True)`: the forward costs only what the SAEs need."""
+    return capture(model, token_mask=token_mask, stop_after_targets=True)
+
+
+def sae_outputs(model: nn.Module) -> dict[str, sae.SaeOutput]:
+    """The last captured output of every SAE layer, by target module path."""
+    return {layer.module_path: layer.sae_output for layer in sae_layers(model) if layer.sae_output is not None}
+
+
+def remove_parallel_decoder_grads(model: nn.Module) -> None:
+    """Call between backward() and optimizer.step(): keeps decoder rows on the unit sphere."""
+    for layer in sae_layers(model):
+        for W_dec in layer.trainable_decoders():
+            sae.remove_parallel_grad_(W_dec)
+
+
+def normalize_decoders(model: nn.Module) -> None:
+    """Call after optimizer.step(): every decoder row back to unit norm."""
+    for layer in sae_layers(model):
+        for W_dec in layer.trainable_decoders():
+            sae.normalize_rows_(W_dec)

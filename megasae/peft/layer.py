@@ -1,0 +1,274 @@
+"""TopKSaeLayer: the PEFT tuner layer that wraps a host module with one SAE per adapter.
+
+Modes (DESIGN.md, "Host semantics of an attached SAE"):
+- capture: the module's output passes on unchanged; the SAE reads it (or, for a transcoder,
+  the module's input) and records an `SaeOutput` with its losses for the training loop;
+- splice: the module's output is replaced by the SAE's reconstruction.
+`sae_mode = "auto"` follows the host: `model.train()` captures, `model.eval()` splices.
+A capture session (`megasae.capture`) always captures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+from megasae import sae
+from megasae.peft.config import TopKSaeConfig
+
+SaeMode = Literal["auto", "capture", "splice"]
+
+
+class StopForward(Exception):
+    """Raised by the last target module of a truncated forward; the capture session catches it."""
+
+
+@dataclass
+class CaptureSession:
+    """Shared by the SAE layers of one model while `megasae.capture` is open."""
+
+    token_mask: Tensor | None
+    stop_after_targets: bool
+    num_targets: int
+    outputs: dict[str, sae.SaeOutput] = field(default_factory=dict)
+    captured_this_forward: set[str] = field(default_factory=set)
+
+    def record(self, module_path: str, output: sae.SaeOutput) -> None:
+        self.outputs[module_path] = output
+        self.captured_this_forward.add(module_path)
+        if self.stop_after_targets and len(self.captured_this_forward) == self.num_targets:
+            raise StopForward
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    """The per-adapter settings a layer needs at run time (the rest of the config is for injection)."""
+
+    k: int
+    k_aux: int
+    auxk_alpha: float
+    dead_tokens_threshold: int
+    transcode: bool
+
+
+def module_widths(module: nn.Module, module_path: str) -> tuple[int, int]:
+    """(input width, output width) of a module an SAE can read, or a clear TypeError."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    for attr in ("hidden_size", "embed_dim"):
+        width = getattr(module, attr, None)
+        if isinstance(width, int):
+            return width, width
+    raise TypeError(
+        f"Cannot attach a TopK SAE to {module_path!r} ({type(module).__name__}): a target must be an nn.Linear "
+        "or a module that returns the hidden state and names its width in a `hidden_size` attribute "
+        "(such as a Hugging Face decoder layer)."
+    )
+
+
+def _module_input(module_path: str, args: tuple, kwargs: dict) -> Tensor:
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+    if not isinstance(x, Tensor):
+        raise TypeError(f"The transcoder on {module_path!r} needs a tensor as the module's first input.")
+    return x
+
+
+def _hidden_state(module_path: str, result: Any) -> Tensor:
+    hidden = result[0] if isinstance(result, tuple) else result
+    if not isinstance(hidden, Tensor):
+        raise TypeError(
+            f"The SAE on {module_path!r} needs the module to return a tensor or a tuple whose first element is "
+            f"the hidden state; it returned {type(result).__name__}."
+        )
+    return hidden
+
+
+def _select_tokens(rows: Tensor, token_mask: Tensor | None, module_path: str, leading_shape: torch.Size) -> Tensor:
+    if token_mask is None:
+        return rows
+    if token_mask.shape != leading_shape:
+        raise ValueError(
+            f"token_mask has shape {tuple(token_mask.shape)} but the activations of {module_path!r} have "
+            f"leading shape {tuple(leading_shape)}; pass a bool mask of that shape."
+        )
+    return rows[token_mask.reshape(-1).to(rows.device)]
+
+
+class TopKSaeLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
+    other_param_names = ("sae_spec", "sae_tokens_since_fired", "sae_needs_init")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: TopKSaeConfig, module_path: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_path = module_path
+        self.d_in, self.d_out = module_widths(base_layer, module_path)
+        self.sae_W_enc = nn.ParameterDict()
+        self.sae_b_enc = nn.ParameterDict()
+        self.sae_W_dec = nn.ParameterDict()
+        self.sae_b_dec = nn.ParameterDict()
+        self.sae_spec: dict[str, SaeSpec] = {}
+        # Statistics, not weights: kept out of the saved adapter.
+        self.sae_tokens_since_fired = BufferDict(persistent=False)
+        # b_dec starts as the mean of the first training batch unless it was loaded.
+        self.sae_needs_init: dict[str, bool] = {}
+        self.sae_mode: SaeMode = "auto"
+        self.sae_output: sae.SaeOutput | None = None
+        self.capture_session: CaptureSession | None = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.register_load_state_dict_pre_hook(TopKSaeLayer._check_loaded_state)
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: TopKSaeConfig, **kwargs) -> None:
+        width_read = self.d_in if config.transcode else self.d_out
+        num_latents = config.num_latents or config.expansion_factor * width_read
+        if config.k > num_latents:
+            raise ValueError(
+                f"k ({config.k}) must be at most the number of latents ({num_latents}) of the SAE on "
+                f"{self.module_path!r}."
+            )
+        device = next(self.base_layer.parameters(), torch.empty(0)).device
+        if config.init_sae_weights:
+            weights = sae.init_weights(width_read, self.d_out, num_latents, dtype=config.torch_dtype, device=device)
+        else:
+            shapes = {"W_enc": (num_latents, width_read), "b_enc": (num_latents,),
+                      "W_dec": (num_latents, self.d_out), "b_dec": (self.d_out,)}
+            weights = {n: torch.zeros(s, dtype=config.torch_dtype, device=device) for n, s in shapes.items()}
+        for name, tensor in weights.items():
+            getattr(self, f"sae_{name}")[adapter_name] = nn.Parameter(tensor)
+        self.sae_spec[adapter_name] = SaeSpec(
+            k=config.k,
+            k_aux=config.k_aux or max(self.d_out // 2, 1),
+            auxk_alpha=config.auxk_alpha,
+            dead_tokens_threshold=config.dead_tokens_threshold,
+            transcode=config.transcode,
+        )
+        self.sae_tokens_since_fired[adapter_name] = torch.zeros(num_latents, dtype=torch.long, device=device)
+        self.sae_needs_init[adapter_name] = config.init_sae_weights
+        self.set_adapter(self.active_adapters)
+
+    def num_latents(self, adapter_name: str) -> int:
+        return self.sae_W_enc[adapter_name].shape[0]
+
+    def merge(self, *args, **kwargs) -> None:
+        raise NotImplementedError("A TopK SAE cannot be merged into its host's weights; use unload() instead.")
+
+    def unmerge(self, *args, **kwargs) -> None:
+        raise NotImplementedError("A TopK SAE is never merged, so there is nothing to unmerge.")
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.base_layer(*args, **kwargs)
+        if self.disable_adapters or not self.active_adapters:
+            return result
+        adapter = self._the_active_adapter()
+        hidden = _hidden_state(self.module_path, result)
+        spec = self.sae_spec[adapter]
+        sae_in = _module_input(self.module_path, args, kwargs) if spec.transcode else hidden
+        if self._splicing():
+            x_hat = self._reconstruct(adapter, sae_in).to(hidden.dtype)
+            return (x_hat, *result[1:]) if isinstance(result, tuple) else x_hat
+        self._capture(adapter, sae_in, hidden)
+        return result
+
+    def _the_active_adapter(self) -> str:
+        if len(self.active_adapters) > 1:
+            raise ValueError(
+                f"The SAE layer {self.module_path!r} runs one adapter at a time, but {self.active_adapters} are "
+                "active; choose one with set_adapter(name)."
+            )
+        return self.active_adapters[0]
+
+    def _splicing(self) -> bool:
+        if self.capture_session is not None or self.sae_mode == "capture":
+            return False
+        return self.sae_mode == "splice" or not self.training
+
+    def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
+        rows = sae_in.flatten(0, -2).to(self.sae_W_enc[adapter].dtype)
+        values, indices = self._encode(adapter, rows)
+        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter])
+        return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
+
+    def _encode(self, adapter: str, rows: Tensor, dead_mask: Tensor | None = None, k: int | None = None):
+        spec = self.sae_spec[adapter]
+        pre_bias = None if spec.transcode else self.sae_b_dec[adapter]
+        return sae.encode(
+            rows, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias, k or spec.k, dead_mask
+        )
+
+    def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> None:
+        session = self.capture_session
+        token_mask = session.token_mask if session is not None else None
+        dtype = self.sae_W_enc[adapter].dtype
+        # The host is data: no gradient flows back into it while capturing.
+        x = _select_tokens(sae_in.detach().flatten(0, -2), token_mask, self.module_path, sae_in.shape[:-1])
+        x = x.to(dtype)
+        if self.sae_spec[adapter].transcode:
+            target = _select_tokens(hidden.detach().flatten(0, -2), token_mask, self.module_path,
+                                    hidden.shape[:-1]).to(dtype)
+        else:
+            target = x
+        if self.training and self.sae_needs_init[adapter] and x.shape[0] > 0:
+            with torch.no_grad():
+                self.sae_b_dec[adapter].copy_(sae.mean_of(target))
+            self.sae_needs_init[adapter] = False
+        output = self._losses(adapter, x, target)
+        if self.training:
+            sae.update_dead_counters(self.sae_tokens_since_fired[adapter], output.indices, output.values)
+        self.sae_output = output
+        if session is not None:
+            session.record(self.module_path, output)
+
+    def _losses(self, adapter: str, x: Tensor, target: Tensor) -> sae.SaeOutput:
+        spec = self.sae_spec[adapter]
+        values, indices = self._encode(adapter, x)
+        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter])
+        total_var = sae.total_variance(target)
+        fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
+        dead_mask = self.sae_tokens_since_fired[adapter] >= spec.dead_tokens_threshold
+        auxk = torch.zeros_like(fvu)
+        if spec.auxk_alpha > 0 and torch.is_grad_enabled():
+            pre_bias = None if spec.transcode else self.sae_b_dec[adapter]
+            auxk = sae.auxk_loss(
+                x, target - x_hat, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias,
+                self.sae_W_dec[adapter], dead_mask, spec.k_aux, total_var,
+            )
+        return sae.SaeOutput(
+            x=x, target=target, x_hat=x_hat, values=values, indices=indices, fvu=fvu, auxk=auxk,
+            loss=fvu + spec.auxk_alpha * auxk, num_dead=int(dead_mask.sum()),
+        )
+
+    # -- decoder constraints ----------------------------------------------------------------------
+
+    def trainable_decoders(self) -> list[Tensor]:
+        return [W for W in self.sae_W_dec.values() if W.requires_grad]
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_loaded_state(module: TopKSaeLayer, state_dict: dict, prefix: str, *args) -> None:
+        """Name the key and both shapes when an adapter does not fit; keep loaded b_dec from being re-initialised."""
+        for name in module.adapter_layer_names:
+            for adapter, param in getattr(module, name).items():
+                loaded = state_dict.get(f"{prefix}{name}.{adapter}")
+                if loaded is None:
+                    continue
+                if loaded.shape != param.shape:
+                    raise ValueError(
+                        f"Adapter weight {prefix}{name} has shape {tuple(loaded.shape)} in the checkpoint but "
+                        f"{tuple(param.shape)} in the model: the adapter was trained on a module of another "
+                        "width or with another number of latents."
+                    )
+                module.sae_needs_init[adapter] = False
+
+    def __repr__(self) -> str:
+        return "sae." + super().__repr__()

@@ -1,0 +1,88 @@
+"""PeftSaeModel: a PeftModel with the SAE controls on it, and get_peft_sae_model to build one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from peft import PeftConfig, PeftModel
+from torch import Tensor, nn
+
+from megasae.peft import control
+from megasae.peft.config import PEFT_TYPE, TopKSaeConfig
+from megasae.peft.layer import SaeMode
+
+
+def _check_is_sae_adapter(model_id: str | os.PathLike) -> None:
+    config_file = Path(model_id) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{model_id} is not a megasae adapter directory: it has no adapter_config.json "
+            "(save one with PeftSaeModel.save_pretrained)."
+        )
+    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    if peft_type != PEFT_TYPE:
+        raise ValueError(
+            f"{model_id} is not a megasae adapter directory: its adapter_config.json has peft_type "
+            f"{peft_type!r}, expected {PEFT_TYPE!r}."
+        )
+
+
+class PeftSaeModel(PeftModel):
+    """A host model with TopK SAEs attached; saves and loads as a standard PEFT adapter."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs,
+    ) -> PeftSaeModel:
+        if config is None:
+            _check_is_sae_adapter(model_id)
+            config = TopKSaeConfig.from_pretrained(model_id)
+        config.init_sae_weights = False  # the weights come from the file
+        return super().from_pretrained(model, model_id, adapter_name, is_trainable, config, **kwargs)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args, **kwargs):
+        if os.path.isdir(model_id):
+            _check_is_sae_adapter(model_id)
+        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
+    def capture(self, *, token_mask: Tensor | None = None, stop_after_targets: bool = False):
+        """See `megasae.capture`."""
+        return control.capture(self, token_mask=token_mask, stop_after_targets=stop_after_targets)
+
+    def stop_after_targets(self, *, token_mask: Tensor | None = None):
+        """See `megasae.stop_after_targets`."""
+        return control.stop_after_targets(self, token_mask=token_mask)
+
+    def set_sae_mode(self, mode: SaeMode) -> None:
+        """See `megasae.set_sae_mode`."""
+        control.set_sae_mode(self, mode)
+
+    def sae_outputs(self):
+        """See `megasae.sae_outputs`."""
+        return control.sae_outputs(self)
+
+    def remove_parallel_decoder_grads(self) -> None:
+        """See `megasae.remove_parallel_decoder_grads`."""
+        control.remove_parallel_decoder_grads(self)
+
+    def normalize_decoders(self) -> None:
+        """See `megasae.normalize_decoders`."""
+        control.normalize_decoders(self)
+
+
+def get_peft_sae_model(
+    model: nn.Module,
+    config: TopKSaeConfig,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+) -> PeftSaeModel:
+    """Attach a TopK SAE to each target module of `model` (frozen); only the SAEs train."""
+    return PeftSaeModel(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)

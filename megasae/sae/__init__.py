@@ -1,0 +1,29 @@
+"""The SAE math: pure functions of the weights, used by the PEFT layer and the trainer."""
+
+from megasae.sae.functional import (
+    SaeOutput,
+    auxk_loss,
+    decode,
+    encode,
+    fraction_of_variance_unexplained,
+    init_weights,
+    mean_of,
+    normalize_rows_,
+    remove_parallel_grad_,
+    total_variance,
+    update_dead_counters,
+)
+
+__all__ = [
+    "SaeOutput",
+    "auxk_loss",
+    "decode",
+    "encode",
+    "fraction_of_variance_unexplained",
+    "init_weights",
+    "mean_of",
+    "normalize_rows_",
+    "remove_parallel_grad_",
+    "total_variance",
+    "update_dead_counters",
+]

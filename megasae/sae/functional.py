@@ -1,0 +1,155 @@
+"""The TopK SAE math as pure functions over explicit tensors (DESIGN.md, "The SAE").
+
+For an input row x (width d_in) and M latents:
+
+    pre   = W_enc (x - b_dec) + b_enc        (no pre-bias for a transcoder: d_in may differ from d_out)
+    z     = relu(topk_k(pre))
+    x_hat = W_dec^T z + b_dec
+
+Everything here is stateless; the PEFT layer owns the tensors and calls these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megasae import ops
+
+
+@dataclass
+class SaeOutput:
+    """What one SAE did on one forward: the rows it read, its reconstruction and its losses.
+
+    `x` and `target` hold only the tokens the token mask kept (`num_tokens` rows);
+    for a plain SAE they are the same tensor, for a transcoder `target` is the module's output.
+    """
+
+    x: Tensor
+    target: Tensor
+    x_hat: Tensor
+    values: Tensor
+    indices: Tensor
+    fvu: Tensor
+    auxk: Tensor
+    loss: Tensor
+    num_dead: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def l0(self) -> Tensor:
+        """Mean number of active latents per token (at most k: ReLU may zero some of the top k)."""
+        if self.num_tokens == 0:
+            return self.values.new_zeros((), dtype=torch.float32)
+        return (self.values > 0).sum(-1, dtype=torch.float32).mean()
+
+
+def init_weights(
+    d_in: int,
+    d_out: int,
+    num_latents: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Decoder rows are random unit vectors and the encoder starts as their copy (sparsify, OpenAI).
+
+    A transcoder whose input and output widths differ gets its own random unit encoder rows.
+    Biases start at zero; b_dec is set from the first batch by `mean_of`.
+    """
+
+    def unit_rows(width: int) -> Tensor:
+        w = torch.randn(num_latents, width, generator=generator, dtype=torch.float32, device=device)
+        return w / w.norm(dim=-1, keepdim=True)
+
+    W_dec = unit_rows(d_out)
+    W_enc = W_dec.clone() if d_in == d_out else unit_rows(d_in)
+    return {
+        "W_enc": W_enc.to(dtype),
+        "b_enc": torch.zeros(num_latents, dtype=dtype, device=device),
+        "W_dec": W_dec.to(dtype),
+        "b_dec": torch.zeros(d_out, dtype=dtype, device=device),
+    }
+
+
+def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, dead_mask: Tensor | None = None):
+    """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k]."""
+    return ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
+
+
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """W_dec^T z + b_dec for the sparse codes z given as (values, indices)."""
+    return ops.sparse_decode(indices, values, W_dec, b_dec)
+
+
+def total_variance(target: Tensor) -> Tensor:
+    """sum((x - mean_tokens(x))^2) in fp32: the denominator of FVU and of the AuxK loss."""
+    target = target.float()
+    return (target - target.mean(0)).pow(2).sum()
+
+
+def fraction_of_variance_unexplained(target: Tensor, x_hat: Tensor, total_var: Tensor) -> Tensor:
+    """sum((x - x_hat)^2) / sum((x - mean)^2); 0 for an empty batch rather than NaN."""
+    residual = (target.float() - x_hat.float()).pow(2).sum()
+    return residual / total_var.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def auxk_loss(
+    x: Tensor,
+    residual: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    encoder_pre_bias: Tensor | None,
+    W_dec: Tensor,
+    dead_mask: Tensor,
+    k_aux: int,
+    total_var: Tensor,
+) -> Tensor:
+    """AuxK (Gao et al. 2024): the dead latents alone try to explain the detached residual.
+
+    Takes the top-k_aux pre-activations over dead latents only, decodes them without b_dec,
+    and scores the fit against the residual, normalised like FVU and scaled by
+    min(num_dead / k_aux, 1). The gradient reaches W_enc and b_enc (sparsify's fused
+    encoder drops it) as well as W_dec.
+    """
+    num_dead = int(dead_mask.sum())
+    if num_dead == 0 or x.shape[0] == 0:
+        return x.new_zeros((), dtype=torch.float32)
+    values, indices = encode(x, W_enc, b_enc, encoder_pre_bias, min(k_aux, num_dead), dead_mask)
+    residual_hat = decode(values, indices, W_dec, None)
+    scale = min(num_dead / k_aux, 1.0)
+    return scale * fraction_of_variance_unexplained(residual.detach(), residual_hat, total_var)
+
+
+def mean_of(rows: Tensor) -> Tensor:
+    """Mean over tokens in fp32; the b_dec initialisation."""
+    return rows.float().mean(0)
+
+
+@torch.no_grad()
+def update_dead_counters(tokens_since_fired: Tensor, indices: Tensor, values: Tensor) -> None:
+    """Count tokens since each latent last fired (a positive value), in place."""
+    tokens_since_fired += indices.shape[0]
+    fired = indices[values > 0]
+    tokens_since_fired[fired] = 0
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W_dec: Tensor) -> None:
+    """Drop the part of W_dec's gradient along each (unit) row, which renormalisation would undo anyway."""
+    if W_dec.grad is None:
+        return
+    parallel = (W_dec.grad * W_dec).sum(-1, keepdim=True)
+    W_dec.grad -= parallel * W_dec
+
+
+@torch.no_grad()
+def normalize_rows_(W_dec: Tensor) -> None:
+    """Put every decoder row back on the unit sphere (after the optimizer step)."""
+    W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).eps)
