@@ -108,6 +108,19 @@ def test_loaded_b_dec_is_not_reinitialised_by_training(tmp_path):
     assert torch.equal(loaded.get_base_model().up.sae_b_dec["default"], b_dec)
 
 
+def test_disable_adapter_keeps_a_frozen_adapter_frozen(tmp_path):
+    # peft's disable_adapter() re-enables with requires_grad=True (peft issue #3447).
+    trained_mlp_adapter().save_pretrained(tmp_path)
+    frozen = PeftSaeModel.from_pretrained(TwoLayerMLP(), tmp_path)
+    with frozen.disable_adapter():
+        pass
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftSaeModel.from_pretrained(TwoLayerMLP(), tmp_path, is_trainable=True)
+    with trainable.disable_adapter():
+        assert not any(p.requires_grad for p in trainable.parameters())
+    assert sum(p.requires_grad for p in trainable.parameters()) == 8
+
+
 def test_multiple_adapters_save_and_load_each(tmp_path):
     model = trained_mlp_adapter()
     model.add_adapter("wide", TopKSaeConfig(k=2, num_latents=48, target_modules=["down"]))

@@ -157,6 +157,18 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def num_latents(self, adapter_name: str) -> int:
         return self.sae_W_enc[adapter_name].shape[0]
 
+    def enable_adapters(self, enabled: bool) -> None:
+        # peft's re-enable makes every active adapter trainable, frozen ones too (peft issue #3447):
+        # remember the flags when disabling and put them back when enabling.
+        adapter_params = [p for name, p in self.named_parameters() if name.startswith("sae_")]
+        if not enabled and not self.disable_adapters:
+            self._requires_grad_when_enabled = [p.requires_grad for p in adapter_params]
+        super().enable_adapters(enabled)
+        if enabled and hasattr(self, "_requires_grad_when_enabled"):
+            for param, requires_grad in zip(adapter_params, self._requires_grad_when_enabled):
+                param.requires_grad_(requires_grad)
+            del self._requires_grad_when_enabled
+
     def merge(self, *args, **kwargs) -> None:
         raise NotImplementedError("A TopK SAE cannot be merged into its host's weights; use unload() instead.")
 
