@@ -234,3 +234,20 @@ def test_dead_latents_are_counted_and_feed_auxk():
     assert outputs["down"].num_dead == 32 - len(fired) > 0
     assert outputs["down"].auxk.item() > 0
     torch.testing.assert_close(outputs["down"].loss, outputs["down"].fvu + outputs["down"].auxk / 32)
+
+
+def test_outlier_filter_drops_attention_sink_tokens():
+    model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=2, num_latents=8, target_modules=["up"]))
+    model.train()
+    x = torch.randn(2, 10, 16)
+    x[0, 3] *= 1000  # an attention-sink-like token
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, 0] = False
+    with model.capture(token_mask=mask, outlier_factor=10.0) as outputs:
+        model(x)
+    with torch.no_grad():
+        acts = model.get_base_model().up.base_layer(x)
+    keep = mask.clone()
+    keep[0, 3] = False
+    assert (acts[0, 3].norm() > 10 * acts[mask].norm(dim=-1).median()) and outputs["up"].num_tokens == 17
+    torch.testing.assert_close(outputs["up"].x, acts[keep])

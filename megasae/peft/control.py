@@ -6,6 +6,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from megasae import sae
@@ -33,7 +34,12 @@ def set_sae_mode(model: nn.Module, mode: SaeMode) -> None:
 
 @contextmanager
 def capture(
-    model: nn.Module, *, token_mask: Tensor | None = None, stop_after_targets: bool = False
+    model: nn.Module,
+    *,
+    token_mask: Tensor | None = None,
+    stop_after_targets: bool = False,
+    outlier_factor: float | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Iterator[dict[str, sae.SaeOutput]]:
     """Within the block every forward of `model` captures, and the yielded dict fills with one
     `SaeOutput` per target module path.
@@ -42,9 +48,13 @@ def capture(
         only True tokens are read by the SAEs and counted in their losses.
     stop_after_targets: the forward ends right after the last target module has captured, so later
         layers and the LM head never run; it then returns the captured outputs.
+    outlier_factor: also drop tokens whose activation norm exceeds this multiple of the median norm
+        of the kept tokens (attention sinks, whose norms reach 100x the rest).
+    group: the data-parallel process group; b_dec's initial mean, FVU's denominator and the
+        dead-latent counters then cover the tokens of all its ranks (every rank must run the forward).
     """
     layers = _active_sae_layers(model)
-    session = CaptureSession(token_mask, stop_after_targets, num_targets=len(layers))
+    session = CaptureSession(token_mask, stop_after_targets, len(layers), outlier_factor, group)
     for layer in layers:
         layer.capture_session = session
     plain_forward = model.forward
@@ -70,9 +80,9 @@ def capture(
             layer.capture_session = None
 
 
-def stop_after_targets(model: nn.Module, *, token_mask: Tensor | None = None):
-    """`capture(model, token_mask=..., stop_after_targets=True)`: the forward costs only what the SAEs need."""
-    return capture(model, token_mask=token_mask, stop_after_targets=True)
+def stop_after_targets(model: nn.Module, **options):
+    """`capture(model, stop_after_targets=True, **options)`: the forward costs only what the SAEs need."""
+    return capture(model, stop_after_targets=True, **options)
 
 
 def sae_outputs(model: nn.Module) -> dict[str, sae.SaeOutput]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
@@ -35,6 +36,10 @@ class CaptureSession:
     token_mask: Tensor | None
     stop_after_targets: bool
     num_targets: int
+    # Drop tokens whose activation norm exceeds this multiple of the median (attention sinks).
+    outlier_factor: float | None = None
+    # Data-parallel group: b_dec init, FVU's denominator and dead-latent counters span its ranks.
+    group: dist.ProcessGroup | None = None
     outputs: dict[str, sae.SaeOutput] = field(default_factory=dict)
     captured_this_forward: set[str] = field(default_factory=set)
 
@@ -88,15 +93,26 @@ def _hidden_state(module_path: str, result: Any) -> Tensor:
     return hidden
 
 
-def _select_tokens(rows: Tensor, token_mask: Tensor | None, module_path: str, leading_shape: torch.Size) -> Tensor:
-    if token_mask is None:
-        return rows
-    if token_mask.shape != leading_shape:
-        raise ValueError(
-            f"token_mask has shape {tuple(token_mask.shape)} but the activations of {module_path!r} have "
-            f"leading shape {tuple(leading_shape)}; pass a bool mask of that shape."
-        )
-    return rows[token_mask.reshape(-1).to(rows.device)]
+def _rows_to_read(rows: Tensor, module_path: str, leading_shape: torch.Size,
+                  session: CaptureSession | None) -> Tensor | None:
+    """Which rows the SAE trains on: the session's token mask, less norm outliers; None means all."""
+    if session is None:
+        return None
+    keep = None
+    if session.token_mask is not None:
+        if session.token_mask.shape != leading_shape:
+            raise ValueError(
+                f"token_mask has shape {tuple(session.token_mask.shape)} but the activations of {module_path!r} "
+                f"have leading shape {tuple(leading_shape)}; pass a bool mask of that shape."
+            )
+        keep = session.token_mask.reshape(-1).to(rows.device, torch.bool)
+    if session.outlier_factor is not None:
+        norms = rows.float().norm(dim=-1)
+        kept_norms = norms if keep is None else norms[keep]
+        if kept_norms.numel():
+            inlier = norms <= session.outlier_factor * kept_norms.median()
+            keep = inlier if keep is None else keep & inlier
+    return keep
 
 
 class TopKSaeLayer(nn.Module, BaseTunerLayer):
@@ -219,32 +235,32 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
 
     def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> None:
         session = self.capture_session
-        token_mask = session.token_mask if session is not None else None
+        group = session.group if session is not None else None
         dtype = self.sae_W_enc[adapter].dtype
         # The host is data: no gradient flows back into it while capturing.
-        x = _select_tokens(sae_in.detach().flatten(0, -2), token_mask, self.module_path, sae_in.shape[:-1])
-        x = x.to(dtype)
-        if self.sae_spec[adapter].transcode:
-            target = _select_tokens(hidden.detach().flatten(0, -2), token_mask, self.module_path,
-                                    hidden.shape[:-1]).to(dtype)
-        else:
-            target = x
-        if self.training and self.sae_needs_init[adapter] and x.shape[0] > 0:
-            with torch.no_grad():
-                self.sae_b_dec[adapter].copy_(sae.mean_of(target))
-            self.sae_needs_init[adapter] = False
-        output = self._losses(adapter, x, target)
+        x = sae_in.detach().flatten(0, -2)
+        keep = _rows_to_read(x, self.module_path, sae_in.shape[:-1], session)
+        target = hidden.detach().flatten(0, -2) if self.sae_spec[adapter].transcode else x
+        if keep is not None:
+            x, target = x[keep], target[keep]
+        x, target = x.to(dtype), target.to(dtype)
+        if self.training and self.sae_needs_init[adapter]:
+            mean, count = sae.mean_and_count(target, group)
+            if count > 0:
+                self.sae_b_dec[adapter].data.copy_(mean)
+                self.sae_needs_init[adapter] = False
+        output = self._losses(adapter, x, target, group)
         if self.training:
-            sae.update_dead_counters(self.sae_tokens_since_fired[adapter], output.indices, output.values)
+            sae.update_dead_counters(self.sae_tokens_since_fired[adapter], output.indices, output.values, group)
         self.sae_output = output
         if session is not None:
             session.record(self.module_path, output)
 
-    def _losses(self, adapter: str, x: Tensor, target: Tensor) -> sae.SaeOutput:
+    def _losses(self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]
         values, indices = self._encode(adapter, x)
         x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter])
-        total_var = sae.total_variance(target)
+        total_var = sae.total_variance(target, group)
         fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
         dead_mask = self.sae_tokens_since_fired[adapter] >= spec.dead_tokens_threshold
         auxk = torch.zeros_like(fvu)

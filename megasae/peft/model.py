@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from peft import PeftConfig, PeftModel
-from torch import Tensor, nn
+from torch import nn
 
 from megasae.peft import control
 from megasae.peft.config import PEFT_TYPE, TopKSaeConfig
@@ -53,13 +53,13 @@ class PeftSaeModel(PeftModel):
             _check_is_sae_adapter(model_id)
         return super().load_adapter(model_id, adapter_name, *args, **kwargs)
 
-    def capture(self, *, token_mask: Tensor | None = None, stop_after_targets: bool = False):
+    def capture(self, **options):
         """See `megasae.capture`."""
-        return control.capture(self, token_mask=token_mask, stop_after_targets=stop_after_targets)
+        return control.capture(self, **options)
 
-    def stop_after_targets(self, *, token_mask: Tensor | None = None):
+    def stop_after_targets(self, **options):
         """See `megasae.stop_after_targets`."""
-        return control.stop_after_targets(self, token_mask=token_mask)
+        return control.stop_after_targets(self, **options)
 
     def set_sae_mode(self, mode: SaeMode) -> None:
         """See `megasae.set_sae_mode`."""

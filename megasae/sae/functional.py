@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from megasae import ops
@@ -61,7 +62,7 @@ def init_weights(
     """Decoder rows are random unit vectors and the encoder starts as their copy (sparsify, OpenAI).
 
     A transcoder whose input and output widths differ gets its own random unit encoder rows.
-    Biases start at zero; b_dec is set from the first batch by `mean_of`.
+    Biases start at zero; b_dec is set from the first batch by `mean_and_count`.
     """
 
     def unit_rows(width: int) -> Tensor:
@@ -88,10 +89,30 @@ def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None)
     return ops.sparse_decode(indices, values, W_dec, b_dec)
 
 
-def total_variance(target: Tensor) -> Tensor:
-    """sum((x - mean_tokens(x))^2) in fp32: the denominator of FVU and of the AuxK loss."""
-    target = target.float()
-    return (target - target.mean(0)).pow(2).sum()
+def _sum_over_ranks(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+@torch.no_grad()
+def mean_and_count(rows: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, int]:
+    """Mean over the tokens of all ranks of `group` (fp32) and their number; the b_dec initialisation."""
+    stats = torch.cat([rows.float().sum(0), rows.new_full((1,), rows.shape[0], dtype=torch.float32)])
+    _sum_over_ranks(stats, group)
+    count = int(stats[-1])
+    return stats[:-1] / max(count, 1), count
+
+
+@torch.no_grad()
+def total_variance(target: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """sum((x - mean_tokens(x))^2) in fp32 over the tokens of all ranks: the denominator of FVU and AuxK.
+
+    Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels badly on
+    residual streams whose mean is large next to their spread.
+    """
+    mean, _ = mean_and_count(target, group)
+    return _sum_over_ranks((target.float() - mean).pow(2).sum(), group)
 
 
 def fraction_of_variance_unexplained(target: Tensor, x_hat: Tensor, total_var: Tensor) -> Tensor:
@@ -127,17 +148,19 @@ def auxk_loss(
     return scale * fraction_of_variance_unexplained(residual.detach(), residual_hat, total_var)
 
 
-def mean_of(rows: Tensor) -> Tensor:
-    """Mean over tokens in fp32; the b_dec initialisation."""
-    return rows.float().mean(0)
-
-
 @torch.no_grad()
-def update_dead_counters(tokens_since_fired: Tensor, indices: Tensor, values: Tensor) -> None:
-    """Count tokens since each latent last fired (a positive value), in place."""
-    tokens_since_fired += indices.shape[0]
-    fired = indices[values > 0]
-    tokens_since_fired[fired] = 0
+def update_dead_counters(
+    tokens_since_fired: Tensor, indices: Tensor, values: Tensor, group: dist.ProcessGroup | None = None
+) -> None:
+    """Count tokens since each latent last fired (a positive value) on any rank of `group`, in place."""
+    fired = torch.zeros_like(tokens_since_fired, dtype=torch.int32)
+    fired[indices[values > 0]] = 1
+    num_tokens = torch.tensor([indices.shape[0]], device=fired.device, dtype=torch.int64)
+    if group is not None:
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(num_tokens, group=group)
+    tokens_since_fired += num_tokens
+    tokens_since_fired[fired.bool()] = 0
 
 
 @torch.no_grad()
