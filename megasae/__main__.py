@@ -1,0 +1,3 @@
+from megasae.cli import main
+
+main()

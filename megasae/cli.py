@@ -1,0 +1,44 @@
+"""`megasae <command>`: the command line. `megasae train --help` lists every flag of training."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import tyro
+
+from megasae.train.config import TrainConfig, load_config_file
+
+
+def _config_file(args: list[str]) -> Path | None:
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def train_command(args: list[str]) -> None:
+    """Train TopK SAEs (the built-in default with no flags)."""
+    from megasae.train import train
+
+    config_file = _config_file(args)
+    default = TrainConfig(**load_config_file(config_file)) if config_file else TrainConfig()
+    cfg = tyro.cli(TrainConfig, args=args, default=default, prog="megasae train")
+    train(cfg)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"train": train_command}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8}{fn.__doc__}" for name, fn in COMMANDS.items()]
+        print("usage: megasae <command> [flags]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"megasae: unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}.")
+        return
+    COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,6 @@
+"""The training loop, its configuration, checkpoints and metrics."""
+
+from megasae.train.config import TrainConfig
+from megasae.train.trainer import Trainer, train
+
+__all__ = ["TrainConfig", "Trainer", "train"]

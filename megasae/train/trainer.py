@@ -1,0 +1,244 @@
+"""The training loop: truncated host forward -> FVU + AuxK per target -> backward through the SAEs only
+-> summed data-parallel gradients -> Adam -> decoder renormalisation; checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from megasae.data import build_batches
+from megasae.models import load_host_model
+from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
+from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
+from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from megasae.train.config import TrainConfig
+from megasae.train.metrics import MetricsLog, StepMetrics
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(total_steps - step, 0) / max(total_steps - warmup_steps, 1)
+
+    return factor
+
+
+def make_optimizer(params: list[torch.Tensor], lr: float, zero1: bool, device: torch.device):
+    """Adam, fused on CUDA (apex's FusedAdam when installed), foreach on CPU; ZeRO-1 shards its state."""
+    if zero1:
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.Adam, lr=lr, foreach=True)
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(params, lr=lr)
+        except ImportError:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so a step is never cut in half;
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, par: ParallelState | None = None):
+        self.cfg = cfg
+        self.par = par or init_distributed(cfg.device)
+        self.micro_tokens = cfg.micro_batch_size * cfg.ctx_len
+        per_step = self.micro_tokens * self.par.world_size
+        if cfg.batch_tokens % per_step:
+            raise ValueError(
+                f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of micro-batch-size x ctx-len x ranks "
+                f"({cfg.micro_batch_size} x {cfg.ctx_len} x {self.par.world_size} = {per_step})."
+            )
+        self.accumulation = cfg.batch_tokens // per_step
+        self.steps = cfg.steps()
+        if cfg.resume and latest_checkpoint(cfg.output_dir) is None:
+            raise FileNotFoundError(f"--resume was given but {cfg.output_dir} holds no checkpoint to resume from.")
+
+        host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
+        self.batches = build_batches(
+            cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, rank=self.par.rank,
+            world_size=self.par.world_size, seed=cfg.seed, text_column=cfg.text_column,
+            messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
+        )
+        torch.manual_seed(cfg.seed)  # the same SAE init on every rank
+        self.model: PeftSaeModel = get_peft_sae_model(host, TopKSaeConfig(
+            k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
+            target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
+            dead_tokens_threshold=cfg.dead_tokens_threshold,
+        ))
+        self.model.train()
+        self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = cfg.learning_rate(max(self.num_latents.values()))
+        self.optimizer = make_optimizer(self.params, lr, cfg.zero1, self.par.device)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_then_linear_decay(cfg.warmup_steps, self.steps)
+        )
+        self.step = 0
+        self.tokens = 0
+        if cfg.resume:
+            self._restore(latest_checkpoint(cfg.output_dir))
+
+    # -- one optimizer step ----------------------------------------------------------------------
+
+    def train_step(self) -> StepMetrics:
+        metrics = StepMetrics()
+        for _ in range(self.accumulation):
+            batch = next(self.batches)
+            inputs = {k: v.to(self.par.device) for k, v in batch.inputs.items()}
+            with self.model.stop_after_targets(token_mask=batch.token_mask, outlier_factor=self.cfg.outlier_factor,
+                                               group=self.par.dp_group) as outputs:
+                self.model(**inputs)
+            loss = sum(out.loss for out in outputs.values()) / self.accumulation
+            loss.backward()
+            metrics.add(outputs, self.num_latents)
+            self.tokens += batch.num_tokens * self.par.world_size
+        sum_gradients(self.params, self.par.dp_group)
+        self.model.remove_parallel_decoder_grads()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.normalize_decoders()
+        self.step += 1
+        return metrics
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        cfg, par = self.cfg, self.par
+        if par.is_main:
+            cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.output_dir / "config.json").write_text(cfg.to_json())
+        log = MetricsLog(cfg.output_dir, self.steps * cfg.batch_tokens, self.tokens, par.is_main, cfg.wandb_mode,
+                         cfg.wandb_project, {"train": vars(cfg)})
+        stop = StopRequested()
+        next_save = self._next_save_point()
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < self.steps:
+                tokens_before = self.tokens
+                metrics = self.train_step()
+                window_tokens += self.tokens - tokens_before
+                log.advance(self.tokens - tokens_before)
+                if self.step % cfg.log_every == 0 or self.step == self.steps:
+                    record = self._summarise(metrics, window_tokens / (time.perf_counter() - window_start))
+                    log.log(record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if self._any_rank(stop.requested):
+                    self.save_checkpoint()
+                    return cfg.output_dir
+                if next_save is not None and self.tokens >= next_save and self.step < self.steps:
+                    self.save_checkpoint()
+                    next_save += cfg.save_every
+            self.save_checkpoint()
+            if par.is_main:
+                self._save_final_adapter()
+        finally:
+            stop.restore()
+            log.close()
+        return cfg.output_dir
+
+    def _next_save_point(self) -> int | None:
+        every = self.cfg.save_every
+        return None if every <= 0 else (self.tokens // every + 1) * every
+
+    def _any_rank(self, flag: bool) -> bool:
+        return sum_over_ranks([float(flag)], self.par.dp_group, self.par.device)[0] > 0
+
+    def _summarise(self, metrics: StepMetrics, tokens_per_s: float) -> dict:
+        names, values = metrics.flat()
+        summed = dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device)))
+        record = {"step": self.step, "tokens": self.tokens}
+        record.update(metrics.summarise(summed, self.par.world_size))
+        record["lr"] = self.schedule.get_last_lr()[0]
+        record["tokens_per_s"] = tokens_per_s
+        return record
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+            optimizer_state = self.optimizer.state_dict() if self.par.is_main else None
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        layers = sae_layers(self.model)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "optimizer": optimizer_state,
+            "schedule": self.schedule.state_dict(),
+            "data": self.batches.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "dead_counters": {l.module_path: dict(l.sae_tokens_since_fired.items()) for l in layers},
+            "needs_init": {l.module_path: dict(l.sae_needs_init) for l in layers},
+        }
+        return save_checkpoint(self.cfg.output_dir, self.step, self.par, self.model.save_pretrained, state)
+
+    def _restore(self, checkpoint: Path) -> None:
+        adapter = load_file(checkpoint / "adapter_model.safetensors")
+        own = {k: v for k, v in self.model.state_dict().items() if ".sae_" in k}
+        for key, param in own.items():
+            saved_key = key.removesuffix(".default")
+            if saved_key not in adapter:
+                raise ValueError(f"Checkpoint {checkpoint} has no {saved_key}: it was written for other target modules.")
+            param.copy_(adapter[saved_key])
+        state = load_trainer_state(checkpoint, self.par)
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            state["optimizer"] = self._broadcast_object(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        for layer in sae_layers(self.model):
+            for adapter_name, counters in state["dead_counters"][layer.module_path].items():
+                layer.sae_tokens_since_fired[adapter_name].copy_(counters)
+            layer.sae_needs_init.update(state["needs_init"][layer.module_path])
+        self.step, self.tokens = state["step"], state["tokens"]
+
+    def _broadcast_object(self, obj):
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0, group=self.par.dp_group)
+        return holder[0]
+
+    def _save_final_adapter(self) -> None:
+        """The output directory ends as a standard PEFT adapter; each file replaced atomically."""
+        with tempfile.TemporaryDirectory(dir=self.cfg.output_dir) as tmp:
+            self.model.save_pretrained(tmp)
+            for name in ADAPTER_FILES:
+                Path(tmp, name).replace(self.cfg.output_dir / name)
+
+
+def train(cfg: TrainConfig) -> Path:
+    return Trainer(cfg).fit()
