@@ -30,7 +30,16 @@ def train_command(args: list[str]) -> None:
     train(cfg)
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"train": train_command}
+def bench_command(args: list[str]) -> None:
+    """Benchmarks: `megasae bench <name> --help` (kernels, train)."""
+    from megasae.bench import BENCHMARKS
+
+    if not args or args[0] not in BENCHMARKS:
+        sys.exit(f"usage: megasae bench <name> [flags]; valid names: {', '.join(BENCHMARKS)}.")
+    BENCHMARKS[args[0]](args[1:])
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"train": train_command, "bench": bench_command}
 
 
 def main(argv: list[str] | None = None) -> None:

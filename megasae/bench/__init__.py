@@ -1,0 +1,18 @@
+"""The benchmarking harness: `megasae bench <name>`; each benchmark prints a table and writes JSON."""
+
+from collections.abc import Callable
+
+
+def _kernels(args: list[str]) -> None:
+    from megasae.bench.kernels import main
+
+    main(args)
+
+
+def _train(args: list[str]) -> None:
+    from megasae.bench.train import main
+
+    main(args)
+
+
+BENCHMARKS: dict[str, Callable[[list[str]], None]] = {"kernels": _kernels, "train": _train}
