@@ -1,0 +1,180 @@
+"""`megasae train` end to end on tiny random hosts: outputs, exact resume (1 and 2 ranks), interrupts, errors."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megasae import PeftSaeModel
+from megasae.cli import main as cli_main
+from megasae.models import load_host_model
+from megasae.train import TrainConfig, Trainer
+from megasae.train.checkpoint import latest_checkpoint
+
+from data_fixtures import tiny_text_tokenizer, write_parquet
+from distributed import run_ranks
+
+WORDS = "the cat sat on a mat while dogs ran in parks and birds sang over green hills".split()
+
+
+@pytest.fixture(scope="module")
+def host_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("host")
+    tokenizer = tiny_text_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.parquet"
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist())}
+            for _ in range(200)]
+    write_parquet(path, rows)
+    return path
+
+
+def config(host_dir, text_data, output_dir, **overrides) -> TrainConfig:
+    fields = dict(model=str(host_dir), data=str(text_data), target_modules=("model.layers.1",), k=4,
+                  expansion_factor=4, ctx_len=16, micro_batch_size=4, batch_tokens=128, max_tokens=128 * 12,
+                  warmup_steps=2, log_every=2, wandb_mode="disabled", output_dir=output_dir, device="cpu",
+                  dead_tokens_threshold=256, lr=3e-3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def adapter_tensors(output_dir):
+    return load_file(output_dir / "adapter_model.safetensors")
+
+
+def test_train_writes_a_loadable_adapter_metrics_and_config(host_dir, text_data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(config(host_dir, text_data, out)).fit()
+
+    host, _ = load_host_model(host_dir)
+    model = PeftSaeModel.from_pretrained(host, out)
+    assert model.peft_config["default"].k == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    for key in ("step", "tokens", "loss", "fvu", "auxk", "l0", "dead_pct", "lr", "tokens_per_s"):
+        assert key in records[0], key
+    assert records[-1]["tokens"] == 128 * 12
+    assert records[-1]["fvu"] < records[0]["fvu"]
+    assert 0 < records[-1]["l0"] <= 4
+    assert json.loads((out / "config.json").read_text())["k"] == 4
+
+
+def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Trainer:
+    """Run, sending this process SIGTERM right after step `stop_step`, as a scheduler would."""
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def step_then_sigterm():
+        metrics = real_step()
+        if trainer.step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_sigterm
+    trainer.fit()
+    return trainer
+
+
+def test_sigterm_checkpoints_between_steps_and_resume_continues_exactly(host_dir, text_data, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(config(host_dir, text_data, straight)).fit()
+
+    split = tmp_path / "split"
+    fit_until_sigterm(config(host_dir, text_data, split), stop_step=5)
+    assert latest_checkpoint(split).name == "step-00000005"
+    assert not (split / "adapter_model.safetensors").exists()  # the run did not finish
+    resumed = Trainer(config(host_dir, text_data, split, resume=True))
+    assert resumed.step == 5
+    resumed.fit()
+
+    a, b = adapter_tensors(straight), adapter_tensors(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]  # the resumed run appends to the same log
+
+
+def _resume_rank(rank, world_size, host_dir, text_data, root):
+    cfg = dict(batch_tokens=256, max_tokens=256 * 6)
+    Trainer(config(host_dir, text_data, root / "straight", **cfg)).fit()
+    fit_until_sigterm(config(host_dir, text_data, root / "split", **cfg), stop_step=3)
+    Trainer(config(host_dir, text_data, root / "split", resume=True, **cfg)).fit()
+
+
+def test_resume_continues_exactly_on_two_ranks(host_dir, text_data, tmp_path):
+    run_ranks(_resume_rank, 2, host_dir, text_data, tmp_path)
+    assert latest_checkpoint(tmp_path / "split").name == "step-00000006"
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "split")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_latest(host_dir, text_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(config(host_dir, text_data, out, save_every=128 * 4))
+
+    calls = []
+    real_save = trainer.model.save_pretrained
+
+    def save_then_crash(path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            real_save(path, **kwargs)
+            raise RuntimeError("disk full")
+        real_save(path, **kwargs)
+
+    monkeypatch.setattr(trainer.model, "save_pretrained", save_then_crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        trainer.fit()
+    latest = latest_checkpoint(out)
+    assert latest.name == "step-00000004"
+    assert (latest / "trainer-rank0.pt").is_file() and (latest / "adapter_model.safetensors").is_file()
+    assert Trainer(config(host_dir, text_data, out, resume=True)).step == 4
+
+
+def test_batch_tokens_must_divide_into_micro_batches(host_dir, text_data, tmp_path):
+    with pytest.raises(ValueError, match=r"--batch-tokens \(100\) must be a multiple of .* = 64\)"):
+        Trainer(config(host_dir, text_data, tmp_path, batch_tokens=100))
+
+
+def test_resume_without_a_checkpoint(host_dir, text_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        Trainer(config(host_dir, text_data, tmp_path / "empty", resume=True))
+
+
+def test_cli_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for field in TrainConfig.__dataclass_fields__:
+        assert f"--{field.replace('_', '-')}" in help_text, field
+
+
+def test_cli_config_file_with_flag_overrides(host_dir, text_data, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("megasae.train.train", lambda cfg: seen.setdefault("cfg", cfg))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: {host_dir}\ndata: {text_data}\nk: 8\nctx_len: 16\n")
+    cli_main(["train", "--config", str(config_file), "--k", "6"])
+    cfg = seen["cfg"]
+    assert cfg.k == 6 and cfg.ctx_len == 16 and cfg.model == str(host_dir)
+
+    config_file.write_text("kk: 8\n")
+    with pytest.raises(ValueError, match=r"unknown fields \['kk'\]"):
+        cli_main(["train", "--config", str(config_file)])
