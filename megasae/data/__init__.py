@@ -1,0 +1,16 @@
+"""Training data: the built-in corpus, Parquet text and chat rows, packing, token masks, the batch stream."""
+
+from megasae.data.batches import Batch, BatchStream, build_batches
+from megasae.data.builtin import builtin_documents, builtin_paths, pack_tokens, token_batches
+from megasae.data.llava import prepare_llava
+
+__all__ = [
+    "Batch",
+    "BatchStream",
+    "build_batches",
+    "builtin_documents",
+    "builtin_paths",
+    "pack_tokens",
+    "prepare_llava",
+    "token_batches",
+]

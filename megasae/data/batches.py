@@ -1,0 +1,185 @@
+"""The batch stream `megasae train` consumes: endless, sharded by data-parallel rank, exactly resumable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megasae.data.chat import ChatEncoder, collate
+from megasae.data.masks import TokenMasker, image_token_ids, tokenizer_of
+from megasae.data.parquet import detect_schema, parquet_files, row_groups
+from megasae.data.sources import BuiltinDocuments, ParquetRows
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # keyword arguments of the host forward
+    token_mask: torch.Tensor  # bool [batch, seq]: the positions the SAEs train on
+    num_tokens: int  # real (non-padding) tokens
+
+
+class BatchStream:
+    """An endless iterator of batches whose ``state_dict`` is the exact point to continue from.
+
+    The state is the source position after the last row consumed (plus, for packed text, the tokens
+    read but not yet batched), so nothing is replayed on resume.
+    """
+
+    def __init__(self, source, name: str, masker: TokenMasker, batch_size: int, identity: dict):
+        self._source, self.name, self._masker, self.batch_size = source, name, masker, batch_size
+        self._identity = identity  # what a loaded state must have been saved with
+        self._position = source.start
+        self._rows = None
+
+    def __iter__(self):
+        return self
+
+    def _pull(self):
+        """The next row or document and where it came from; the position moves past it."""
+        if self._rows is None:
+            self._rows = self._source.iterate(self._position)
+        item, where, self._position = next(self._rows)
+        return item, where
+
+    def _check_progress(self, idle: int, unit: str) -> None:
+        # Without this a rank whose rows never fill a sequence would loop forever.
+        if idle >= self._source.rows_per_epoch:
+            rank, world_size = self._identity["rank"], self._identity["world_size"]
+            raise ValueError(
+                f"{self.name} yields less than one {unit} per epoch on rank {rank} of {world_size}."
+            )
+
+    def state_dict(self) -> dict:
+        return {**self._identity, "position": list(self._position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self._identity.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"The data state was saved with {key}={state.get(key)!r}, but this stream has "
+                    f"{key}={value!r}; resume with the same data arguments."
+                )
+        self._position = tuple(state["position"])
+        self._rows = None
+
+
+class PackedTextStream(BatchStream):
+    """Documents tokenized and packed into full ctx_len sequences, an EOS after each document
+    (the stream pack_tokens builds); no padding."""
+
+    def __init__(
+        self, source, name, masker, batch_size, identity, tokenizer, ctx_len: int, column: str | None
+    ):
+        super().__init__(source, name, masker, batch_size, identity)
+        self._column = column  # a row's text column; None when the items are the texts
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no eos_token_id to separate documents; set its eos_token."
+            )
+        self._tokenizer, self._eos_id, self._ctx_len = tokenizer, tokenizer.eos_token_id, ctx_len
+        self._carry: list[int] = []  # tokens read but not yet batched
+
+    def __next__(self) -> Batch:
+        need, idle = self.batch_size * self._ctx_len, 0
+        while len(self._carry) < need:
+            item, _ = self._pull()
+            doc = item if self._column is None else item[self._column]
+            ids = self._tokenizer.encode(doc, add_special_tokens=False) if doc else []
+            full = len(self._carry) // self._ctx_len
+            if ids:
+                self._carry += ids + [self._eos_id]
+            idle = 0 if len(self._carry) // self._ctx_len > full else idle + 1
+            self._check_progress(idle, f"{self._ctx_len}-token sequence")
+        input_ids = torch.tensor(self._carry[:need], dtype=torch.long).view(self.batch_size, self._ctx_len)
+        del self._carry[:need]
+        attention_mask = torch.ones_like(input_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return Batch(inputs, self._masker(input_ids, attention_mask), need)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "carry": list(self._carry)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._carry = list(state["carry"])
+
+
+class ChatStream(BatchStream):
+    """One chat row per sequence, truncated to ctx_len and padded on the right to the longest in the batch."""
+
+    def __init__(self, source, name, masker, batch_size, identity, encoder: ChatEncoder, pad_id: int):
+        super().__init__(source, name, masker, batch_size, identity)
+        self._encoder, self._pad_id = encoder, pad_id
+
+    def __next__(self) -> Batch:
+        rows, idle = [], 0
+        while len(rows) < self.batch_size:
+            encoded = self._encoder(*self._pull())
+            if encoded is None:
+                idle += 1
+                self._check_progress(idle, "non-empty chat")
+            else:
+                rows.append(encoded)
+        inputs = collate(rows, self._encoder.image_keys, self._pad_id)
+        mask = self._masker(inputs["input_ids"], inputs["attention_mask"])
+        return Batch(inputs, mask, int(inputs["attention_mask"].sum()))
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # any id will do: attention_mask hides padding
+
+
+def build_batches(
+    data: str | Path,
+    processor,
+    *,
+    ctx_len: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    text_column: str = "text",
+    messages_column: str = "messages",
+    images_column: str = "images",
+    tokens: str = "all",
+) -> BatchStream:
+    """The endless batch stream for one data-parallel rank.
+
+    ``data`` is "builtin" (the standard library's sources), a Parquet file, or a directory of them
+    (its ``*.parquet`` files, sorted by name). Files with ``messages_column`` hold chat rows (with
+    ``images_column`` optional); others need ``text_column``. ``processor`` is the host's tokenizer,
+    or its processor for image-text models. ``tokens`` picks the trained positions: "all", "text"
+    (not image) or "image". Bad files and columns are reported here, before any batch.
+    """
+    for label, value, low in (
+        ("ctx_len", ctx_len, 1),
+        ("batch_size", batch_size, 1),
+        ("world_size", world_size, 1),
+        ("seed", seed, 0),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}.")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}.")
+    masker = TokenMasker(processor, tokens)
+    tokenizer = tokenizer_of(processor)
+    if str(data) == "builtin":
+        source, name, kind = BuiltinDocuments(seed, rank, world_size), "The built-in corpus", "builtin"
+    else:
+        files = parquet_files(data)
+        schema = detect_schema(files, text_column, messages_column, images_column)
+        name, kind = str(data), schema.kind
+        source = ParquetRows(row_groups(files), schema, seed, rank, world_size, name)
+    identity = {"kind": kind, "rank": rank, "world_size": world_size, "seed": seed}
+    if kind == "chat":
+        encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
+        return ChatStream(source, name, masker, batch_size, identity, encoder, _pad_id(tokenizer))
+    if tokens == "image":
+        raise ValueError(f"tokens='image' needs chat data with images, but {name} is plain text.")
+    column = None if kind == "builtin" else text_column
+    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer, ctx_len, column)

@@ -1,0 +1,310 @@
+"""The training data pipeline: text and chat rows, sharding, shuffling, resume, token masks, errors."""
+
+import io
+import itertools
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from data_fixtures import (
+    decode_chars,
+    png_bytes,
+    qwen25vl_token_ids,
+    tiny_qwen25vl_processor,
+    tiny_text_tokenizer,
+    write_parquet,
+)
+
+from megasae.data import build_batches, token_batches
+
+DOCS = [f"doc{i};" for i in range(31)]  # odd: the two ranks' shares differ by one
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_text_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_qwen25vl_processor()
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """31 documents over three files and several row groups of different sizes."""
+    rows = [{"text": doc} for doc in DOCS]
+    write_parquet(tmp_path / "a.parquet", rows[:10], row_group_size=3)
+    write_parquet(tmp_path / "b.parquet", rows[10:25], row_group_size=4)
+    write_parquet(tmp_path / "c.parquet", rows[25:])
+    return tmp_path
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def text(value):
+    return {"type": "text", "text": value}
+
+
+IMAGE = {"type": "image"}
+ASSISTANT = {"role": "assistant", "content": [text("ok")]}
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    rows = [
+        {"messages": [user(IMAGE, text("what is it?")), ASSISTANT], "images": [png_bytes(56, 56, 0)]},
+        {"messages": [user(text("hi")), ASSISTANT], "images": []},
+        {
+            "messages": [user(IMAGE, text("and")), user(IMAGE), ASSISTANT],
+            "images": [png_bytes(56, 56, 1), png_bytes(30, 90, 2)],
+        },
+        {"messages": [user(text("bye")), ASSISTANT], "images": []},
+    ]
+    return write_parquet(tmp_path / "chat.parquet", rows, row_group_size=2)
+
+
+def stream(data, processor, **kwargs):
+    args = {"ctx_len": 8, "batch_size": 2, "rank": 0, "world_size": 1, "seed": 0} | kwargs
+    return build_batches(data, processor, **args)
+
+
+def rank_documents(tokenizer, data, rank, count, **kwargs):
+    """The first ``count`` documents that rank ``rank`` of 2 packs, read back from its token stream."""
+    batches = stream(data, tokenizer, rank=rank, world_size=2, **kwargs)
+    chars = ""
+    while chars.count(tokenizer.eos_token) < count:
+        chars += decode_chars(tokenizer, next(batches).inputs["input_ids"].flatten())
+    return chars.split(tokenizer.eos_token)[:count]
+
+
+def test_ranks_together_see_every_document_once_per_epoch(tokenizer, text_dir):
+    share = {0: 16, 1: 15}  # 31 rows over 2 ranks: rank 0 takes the odd one out
+    epochs = {rank: rank_documents(tokenizer, text_dir, rank, 2 * n) for rank, n in share.items()}
+    for epoch in range(2):
+        seen = [doc for rank, n in share.items() for doc in epochs[rank][epoch * n : (epoch + 1) * n]]
+        assert sorted(seen) == sorted(DOCS)
+    assert epochs[0][:16] != epochs[0][16:], "each epoch is reshuffled"
+
+
+def test_order_depends_on_the_seed(tokenizer, text_dir):
+    assert rank_documents(tokenizer, text_dir, 0, 16, seed=0) != rank_documents(
+        tokenizer, text_dir, 0, 16, seed=1
+    )
+    assert rank_documents(tokenizer, text_dir, 0, 16, seed=3) == rank_documents(
+        tokenizer, text_dir, 0, 16, seed=3
+    )
+
+
+def test_text_batches_are_full_packed_sequences(tokenizer, text_dir):
+    batch = next(stream(text_dir, tokenizer, ctx_len=8, batch_size=3))
+    assert batch.inputs["input_ids"].shape == (3, 8)
+    assert batch.inputs["attention_mask"].all() and batch.num_tokens == 24
+    ids, mask = batch.inputs["input_ids"], batch.token_mask
+    assert not mask[:, 0].any()
+    assert torch.equal(mask[:, 1:], ids[:, 1:] != tokenizer.eos_token_id)
+
+
+def same_batches(ours, theirs):
+    return all(
+        x.inputs.keys() == y.inputs.keys()
+        and all(torch.equal(x.inputs[k], y.inputs[k]) for k in x.inputs)
+        and torch.equal(x.token_mask, y.token_mask)
+        and x.num_tokens == y.num_tokens
+        for x, y in zip(ours, theirs, strict=True)
+    )
+
+
+def check_resume(make, taken, then):
+    """A fresh stream loaded with the state after ``taken`` batches continues as the uninterrupted one."""
+    running = make()
+    for _ in range(taken):
+        next(running)
+    saved = io.BytesIO()
+    torch.save(running.state_dict(), saved)
+    resumed = make()
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+    assert same_batches([next(resumed) for _ in range(then)], [next(running) for _ in range(then)])
+
+
+def test_resume_text_across_epochs(tokenizer, text_dir):
+    # About 13 batches per epoch on rank 1 of 2: this resumes mid-epoch and crosses into epoch 2.
+    check_resume(lambda: stream(text_dir, tokenizer, rank=1, world_size=2, batch_size=1), taken=10, then=20)
+
+
+def test_resume_chat(processor, chat_file):
+    check_resume(lambda: stream(chat_file, processor, ctx_len=64, batch_size=3), taken=1, then=3)
+
+
+def test_resume_builtin(tokenizer):
+    check_resume(lambda: stream("builtin", tokenizer, ctx_len=64, rank=1, world_size=2), taken=3, then=2)
+
+
+def test_builtin_on_one_rank_is_the_packed_corpus(tokenizer):
+    ours = stream("builtin", tokenizer, ctx_len=32, batch_size=2)
+    for theirs in itertools.islice(token_batches(tokenizer, ctx_len=32, batch_size=2, seed=0), 3):
+        assert torch.equal(next(ours).inputs["input_ids"], theirs)
+
+
+def image_positions(processor, ids):
+    return ids == processor.image_token_id
+
+
+def test_chat_batch_with_images(processor, chat_file):
+    batch = next(stream(chat_file, processor, ctx_len=128, batch_size=4))
+    ids, attention, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool(), batch.token_mask
+    is_image = image_positions(processor, ids)
+    assert is_image.sum() == 16  # 16, 16 and 32 patches, merged 2x2
+    assert batch.inputs["pixel_values"].shape == (64, 1176)
+    assert batch.inputs["image_grid_thw"].shape == (3, 3)
+    assert (~attention).any(), "rows of different lengths are padded"
+    assert batch.num_tokens == int(attention.sum())
+    assert not mask[~attention].any() and not mask[:, 0].any()
+    special = torch.tensor(
+        processor.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|vision_start|>"])
+    )
+    assert not mask[torch.isin(ids, special)].any()
+    assert mask[is_image].all()
+    assert mask[attention & ~is_image].any()
+
+    text_mask = next(stream(chat_file, processor, ctx_len=128, batch_size=4, tokens="text")).token_mask
+    image_mask = next(stream(chat_file, processor, ctx_len=128, batch_size=4, tokens="image")).token_mask
+    assert torch.equal(text_mask, mask & ~is_image)
+    assert torch.equal(image_mask, is_image)
+
+
+def test_truncation_keeps_whole_images_only(processor, tmp_path):
+    row = {
+        "messages": [user(text("ab"), IMAGE, text("cd"), IMAGE)],
+        "images": [png_bytes(56, 56, 0), png_bytes(56, 56, 1)],
+    }
+    path = write_parquet(tmp_path / "one.parquet", [row])
+    # Image pads at positions 9-12 and 17-20; a cut inside a run moves before that image.
+    for ctx_len, pads in ((11, 0), (13, 4), (19, 4), (21, 8)):
+        batch = next(stream(path, processor, ctx_len=ctx_len, batch_size=1))
+        ids = batch.inputs["input_ids"]
+        assert ids.shape[1] <= ctx_len and image_positions(processor, ids).sum() == pads
+        assert ("pixel_values" in batch.inputs) == (pads > 0)
+        if pads:
+            assert batch.inputs["pixel_values"].shape[0] == 4 * pads
+
+
+def test_text_chat_through_a_tokenizer(tokenizer, tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}
+    ]
+    batch = next(stream(write_parquet(tmp_path / "t.parquet", rows), tokenizer, ctx_len=64, batch_size=1))
+    assert decode_chars(tokenizer, batch.inputs["input_ids"][0]) == (
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nhi there<|im_end|>\n"
+    )
+
+
+# Bad input: one clear error, before any batch where the files allow it.
+
+
+def test_missing_path(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet does not exist"):
+        stream(tmp_path / "nope.parquet", tokenizer)
+
+
+def test_directory_without_parquet_files(tokenizer, tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(FileNotFoundError, match="holds no .parquet files"):
+        stream(tmp_path, tokenizer)
+
+
+def test_file_without_the_column(tokenizer, tmp_path):
+    write_parquet(tmp_path / "a.parquet", [{"text": "fine"}])
+    write_parquet(tmp_path / "b.parquet", [{"body": "wrong"}])
+    with pytest.raises(ValueError, match=r"b\.parquet has no 'text' column; its columns are: body"):
+        stream(tmp_path, tokenizer)
+    with pytest.raises(ValueError, match=r"b\.parquet has neither a 'msgs' column .* nor a 'body2' column"):
+        stream(tmp_path / "b.parquet", tokenizer, messages_column="msgs", text_column="body2")
+
+
+def test_text_column_of_numbers(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="column 'text' holds int64, not strings"):
+        stream(write_parquet(tmp_path / "n.parquet", [{"text": 1}]), tokenizer)
+
+
+def test_image_that_does_not_decode(processor, tmp_path):
+    rows = [{"messages": [user(IMAGE)], "images": [b"not a png"]}]
+    batches = stream(write_parquet(tmp_path / "bad.parquet", rows), processor, batch_size=1)
+    with pytest.raises(
+        ValueError, match=r"bad\.parquet row 0: image 0 of column 'images' is not a valid image"
+    ):
+        next(batches)
+
+
+def test_image_parts_without_images(processor, tmp_path):
+    rows = [{"messages": [user(IMAGE, IMAGE)], "images": [png_bytes(56, 56)]}]
+    batches = stream(write_parquet(tmp_path / "few.parquet", rows), processor, batch_size=1)
+    with pytest.raises(ValueError, match="row 0 has 2 image parts in 'messages' but 1 images in 'images'"):
+        next(batches)
+
+
+def test_empty_data(tokenizer, tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match="empty.parquet holds no rows"):
+        stream(tmp_path / "empty.parquet", tokenizer)
+    with pytest.raises(ValueError, match="has 1 rows, fewer than the 2 data-parallel ranks"):
+        stream(write_parquet(tmp_path / "one.parquet", [{"text": "x"}]), tokenizer, world_size=2)
+    short = stream(
+        write_parquet(tmp_path / "short.parquet", [{"text": "ab"}, {"text": None}]), tokenizer, ctx_len=100
+    )
+    with pytest.raises(ValueError, match="yields less than one 100-token sequence per epoch on rank 0 of 1"):
+        next(short)
+
+
+def test_bad_arguments(tokenizer, text_dir):
+    with pytest.raises(ValueError, match="tokens must be one of all, text, image"):
+        stream(text_dir, tokenizer, tokens="images")
+    with pytest.raises(ValueError, match="tokens='image' needs a processor with an image token"):
+        stream(text_dir, tokenizer, tokens="image")
+    with pytest.raises(ValueError, match="rank must be in"):
+        stream(text_dir, tokenizer, rank=2, world_size=2)
+
+
+def test_image_tokens_of_plain_text(processor, text_dir):
+    with pytest.raises(ValueError, match="tokens='image' needs chat data with images"):
+        stream(text_dir, processor, tokens="image")
+
+
+def test_state_from_another_rank(tokenizer, text_dir):
+    state = stream(text_dir, tokenizer, rank=1, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="saved with rank=1, but this stream has rank=0"):
+        stream(text_dir, tokenizer, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_chat_batch_feeds_a_tiny_qwen25vl(processor, chat_file):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(processor.tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "fullatt_block_indexes": [0],
+        },
+        **qwen25vl_token_ids(processor),
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    batch = next(stream(chat_file, processor, ctx_len=128, batch_size=4))
+    with torch.no_grad():
+        logits = model(**batch.inputs).logits
+    assert logits.shape[:2] == batch.inputs["input_ids"].shape and torch.isfinite(logits).all()
