@@ -109,8 +109,10 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
 
-    def train_step(self) -> StepMetrics:
+    def train_step(self) -> tuple[StepMetrics, int]:
+        """One optimizer step; returns its metrics and the real (non-padding) tokens this rank read."""
         metrics = StepMetrics()
+        tokens = 0
         for _ in range(self.accumulation):
             batch = next(self.batches)
             inputs = {k: v.to(self.par.device) for k, v in batch.inputs.items()}
@@ -120,7 +122,7 @@ class Trainer:
             loss = sum(out.loss for out in outputs.values()) / self.accumulation
             loss.backward()
             metrics.add(outputs, self.num_latents)
-            self.tokens += batch.num_tokens * self.par.world_size
+            tokens += batch.num_tokens
         sum_gradients(self.params, self.par.dp_group)
         self.model.remove_parallel_decoder_grads()
         if self.cfg.grad_clip > 0:
@@ -130,7 +132,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.normalize_decoders()
         self.step += 1
-        return metrics
+        return metrics, tokens
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -146,15 +148,17 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < self.steps:
-                tokens_before = self.tokens
-                metrics = self.train_step()
-                window_tokens += self.tokens - tokens_before
-                log.advance(self.tokens - tokens_before)
+                metrics, tokens = self.train_step()
+                # One small all-reduce a step: the real token count and whether any rank was told to stop.
+                tokens, stop_votes = sum_over_ranks([tokens, stop.requested], par.dp_group, par.device)
+                self.tokens += int(tokens)
+                window_tokens += tokens
+                log.advance(int(tokens))
                 if self.step % cfg.log_every == 0 or self.step == self.steps:
                     record = self._summarise(metrics, window_tokens / (time.perf_counter() - window_start))
                     log.log(record)
                     window_start, window_tokens = time.perf_counter(), 0
-                if self._any_rank(stop.requested):
+                if stop_votes > 0:
                     self.save_checkpoint()
                     return cfg.output_dir
                 if next_save is not None and self.tokens >= next_save and self.step < self.steps:
@@ -171,9 +175,6 @@ class Trainer:
     def _next_save_point(self) -> int | None:
         every = self.cfg.save_every
         return None if every <= 0 else (self.tokens // every + 1) * every
-
-    def _any_rank(self, flag: bool) -> bool:
-        return sum_over_ranks([float(flag)], self.par.dp_group, self.par.device)[0] > 0
 
     def _summarise(self, metrics: StepMetrics, tokens_per_s: float) -> dict:
         names, values = metrics.flat()
