@@ -23,7 +23,7 @@ $(INSTALLED): $(BUILD_INPUTS)
 	touch $@
 
 demo: $(INSTALLED)
-	$(PY) launch/train_own_loop.py
+	$(PY) -m megasae train --output-dir runs/demo
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

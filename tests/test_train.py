@@ -1,6 +1,7 @@
 """`megasae train` end to end on tiny random hosts: outputs, exact resume (1 and 2 ranks), interrupts, errors."""
 
 import json
+from pathlib import Path
 import os
 import signal
 
@@ -125,6 +126,20 @@ def test_resume_continues_exactly_on_two_ranks(host_dir, text_data, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def _zero1_rank(rank, world_size, host_dir, text_data, root):
+    cfg = dict(batch_tokens=256, max_tokens=256 * 4, save_every=256 * 2)
+    Trainer(config(host_dir, text_data, root / "plain", **cfg)).fit()
+    fit_until_sigterm(config(host_dir, text_data, root / "zero1", zero1=True, **cfg), stop_step=3)
+    Trainer(config(host_dir, text_data, root / "zero1", zero1=True, resume=True, **cfg)).fit()
+
+
+def test_zero1_shards_adam_without_changing_the_result(host_dir, text_data, tmp_path):
+    run_ranks(_zero1_rank, 2, host_dir, text_data, tmp_path)
+    a, b = adapter_tensors(tmp_path / "plain"), adapter_tensors(tmp_path / "zero1")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7)
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint_latest(host_dir, text_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(config(host_dir, text_data, out, save_every=128 * 4))
@@ -178,3 +193,9 @@ def test_cli_config_file_with_flag_overrides(host_dir, text_data, tmp_path, monk
     config_file.write_text("kk: 8\n")
     with pytest.raises(ValueError, match=r"unknown fields \['kk'\]"):
         cli_main(["train", "--config", str(config_file)])
+
+
+def test_readme_documents_every_train_flag():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for field in TrainConfig.__dataclass_fields__:
+        assert f"`--{field.replace('_', '-')}`" in readme, field

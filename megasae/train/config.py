@@ -36,7 +36,7 @@ class TrainConfig:
     """Weight of the AuxK loss that revives dead latents; 0 turns it off."""
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many tokens is dead."""
-    max_tokens: int = 1_000_000
+    max_tokens: int = 409_600
     """Train on this many tokens (those the token mask keeps are fewer)."""
     batch_tokens: int = 2048
     """Tokens per optimizer step, over all ranks and accumulated micro-batches."""
@@ -53,7 +53,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the host model (the SAEs train in float32)."""
     tokens: Literal["all", "text", "image"] = "all"
-    """Which positions the SAEs train on, by modality."""
+    """Which positions the SAEs train on, by modality; padding, position 0 and special tokens never."""
     outlier_factor: float | None = 10.0
     """Skip tokens whose activation norm exceeds this multiple of the batch median (attention sinks)."""
     text_column: str = "text"
