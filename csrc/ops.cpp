@@ -27,4 +27,14 @@ TORCH_LIBRARY(megasae, m) {
   m.def(
       "sparse_decode_backward(Tensor grad, Tensor indices, Tensor values, Tensor W_dec)"
       " -> (Tensor, Tensor)");
+  // relu(topk_k((x - b_dec) W_enc^T + b_enc)) over latent chunks of chunk_size (0: the kernel picks)
+  // with a running per-row top-k; never forms [N, M]. Rows of values are sorted, largest first.
+  m.def(
+      "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, int k, Tensor? dead_mask=None,"
+      " int chunk_size=0) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_W_enc, grad_b_enc); grad_x is [0, d] unless need_grad_x. grad_b_dec,
+  // -sum_n grad_x[n] = -(grad_b_enc @ W_enc), is left to autograd.
+  m.def(
+      "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, Tensor W_enc,"
+      " Tensor? b_dec, bool need_grad_x=True) -> (Tensor, Tensor, Tensor)");
 }

@@ -50,16 +50,26 @@ def topk_encode(
     b_dec: torch.Tensor | None,
     k: int,
     dead_mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK SAE encoder: (values, indices) of relu(topk_k((x - b_dec) @ W_enc.T + b_enc)).
 
     x [N, d_in], W_enc [M, d_in], b_enc [M], b_dec [d_in] or None (no pre-bias). With a bool
     dead_mask [M], only latents where it is True are selected; slots beyond the selectable count
-    hold value 0. values [N, k] has x's dtype, indices [N, k] is int64. Gradients reach x, W_enc,
-    b_enc and b_dec through values.
+    hold value 0 (and the first unselectable latents as indices). values [N, k] has x's dtype and
+    each row is sorted, largest first; indices [N, k] is int64. Gradients reach x, W_enc, b_enc and
+    b_dec through values.
+
+    The kernels compute the pre-activations chunk_size latents at a time (0: their own choice)
+    in float32 (float64 for float64 inputs) and keep a running top-k per row, so no [N, M] tensor
+    is ever formed; exact ties go to the lower latent index. The reference ignores chunk_size.
     """
     _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
-    # The fused chunked kernel (never forming [N, M]) is not written yet; it will dispatch here.
+    if not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"topk_encode: chunk_size = {chunk_size!r} must be an int >= 0 (0: the kernel picks).")
+    if _has_kernel(x):
+        return torch.ops.megasae.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, chunk_size)
     return reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
 
 
@@ -100,13 +110,17 @@ def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask) -> None:
         raise ValueError(f"topk_encode: b_enc has shape {_shape(b_enc)} but must be [{M}].")
     if b_dec is not None and b_dec.shape != (d_in,):
         raise ValueError(f"topk_encode: b_dec has shape {_shape(b_dec)} but must be [{d_in}] or None.")
-    if not isinstance(k, int) or not 0 <= k <= M:
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"topk_encode: x is {x.dtype}; it must be float32, bfloat16, float16 or float64.")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= M:
         raise ValueError(f"topk_encode: k = {k!r} must be an int in [0, {M}], M being the number of latents.")
     if dead_mask is not None and (dead_mask.dtype != torch.bool or dead_mask.shape != (M,)):
         raise ValueError(
             f"topk_encode: dead_mask is {dead_mask.dtype} of shape {_shape(dead_mask)} "
             f"but must be a bool tensor of shape [{M}] or None."
         )
+    if dead_mask is not None and dead_mask.device != x.device:
+        raise ValueError(f"topk_encode: dead_mask is on {dead_mask.device} but x is on {x.device}; they must match.")
     for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
         if t is not None:
             _check_same("topk_encode", name, t, "x", x)

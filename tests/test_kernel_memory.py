@@ -1,0 +1,94 @@
+"""Peak memory of an SAE training step on the kernels: far below one N x M float32 tensor.
+
+Measured in a subprocess as the growth of its peak RSS (VmHWM, reset through /proc/self/clear_refs)
+over the resident size before the step, so imports and the inputs do not count. The same
+measurement around one explicit N x M float32 tensor checks that the method sees such a tensor.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megasae import ops
+
+N, M, D, K = 4096, 65536, 64, 32
+DENSE_MIB = N * M * 4 / 2**20  # one N x M float32 tensor: 1024 MiB
+
+SCRIPT = r"""
+import json, re, sys, types
+import torch
+
+# Import megasae.ops alone: the package's __init__ (PEFT, transformers) is slow and not needed here.
+package = types.ModuleType("megasae")
+package.__path__ = [{package_dir!r}]
+sys.modules["megasae"] = package
+import megasae.ops as ops
+
+torch.set_num_threads(2)
+N, M, D, K = {N}, {M}, {D}, {K}
+
+def kib(field):
+    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+def step(encode, decode, x, W_enc, b_enc, b_dec, W_dec):
+    values, indices = encode(x, W_enc, b_enc, b_dec, K)
+    x_hat = decode(indices, values, W_dec, b_dec)
+    ((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).backward()
+
+def peak_of(fn):
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
+    before = kib("VmRSS")
+    fn()
+    return (kib("VmHWM") - before) / 1024
+
+def peak_mib(encode, decode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    W_dec = torch.randn(M, D, generator=g)
+    params = [W_dec.clone(), torch.zeros(M), x.mean(0), W_dec]
+    for p in params:
+        p.requires_grad_()
+    step(encode, decode, x[:8], *params)  # load code paths; small
+    for p in params:
+        p.grad = None
+    return peak_of(lambda: step(encode, decode, x, *params))
+
+out = {{"kernels": peak_mib(ops.topk_encode, ops.sparse_decode)}}
+out["dense"] = peak_of(lambda: torch.empty(N, M).fill_(1.0))
+print(json.dumps(out))
+"""
+
+
+def _clear_refs_works() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(ops.backend() == "reference", reason="megasae._C is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(), reason="needs Linux VmHWM reset")
+def test_step_peak_memory_far_below_dense():
+    code = SCRIPT.format(N=N, M=M, D=D, K=K, package_dir=os.path.dirname(ops.__path__[0]))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert result.returncode == 0, result.stderr
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    # The probe: one [N, M] float32 tensor must show up in full.
+    assert peaks["dense"] > 0.95 * DENSE_MIB, peaks
+    # The kernels: gradients of the weights (2 x 16 MiB here), one chunk tile (32 MiB) and small
+    # [N, k] / [N, d] tensors; allow 4x that, still a quarter of one dense tensor.
+    weights_mib = M * D * 4 / 2**20
+    assert peaks["kernels"] < DENSE_MIB / 4, peaks
+    assert peaks["kernels"] < 2 * weights_mib + 32 + 160, peaks
