@@ -11,13 +11,15 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
     ViTConfig,
 )
 
-from megasae.models import default_model_path, load_host_model
-from megasae.models import loading
+from megasae.models import default_model_path, load_host_model, loading
 
-WORDS = "<unk> <eos> def return class import self if else for in".split()
+WORDS = ["<unk>", "<eos>", "def", "return", "class", "import", "self", "if", "else", "for", "in"]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -66,28 +68,44 @@ def test_dtype_and_str_path(llama_dir):
     assert_frozen_eval(model)
 
 
-def test_image_text_model_uses_its_auto_class(tmp_path):
+@pytest.mark.parametrize("with_processor", [False, True])
+def test_image_text_model_uses_its_auto_class(tmp_path, with_processor):
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(WORDS),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+        text_config={
+            "vocab_size": len(WORDS),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+        },
         bos_token_id=None,
         eos_token_id=1,
     )
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
-    model, tokenizer = load_host_model(tmp_path)
+    if with_processor:
+        processor = Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(),
+            tokenizer=tiny_tokenizer(),
+            video_processor=Qwen2VLVideoProcessor(),
+        )
+        processor.save_pretrained(tmp_path)
+    else:
+        tiny_tokenizer().save_pretrained(tmp_path)
+    model, tokenizer_or_processor = load_host_model(tmp_path)
     assert type(model) is Qwen2_5_VLForConditionalGeneration
     assert_frozen_eval(model)
-    # No processor files saved: the tokenizer comes back.
-    assert tokenizer.eos_token_id == 1
+    assert type(tokenizer_or_processor) is (
+        Qwen2_5_VLProcessor if with_processor else PreTrainedTokenizerFast
+    )
 
 
 def test_missing_path(tmp_path):
@@ -108,14 +126,20 @@ def test_file_that_is_not_gguf(tmp_path):
 
 
 def test_model_type_that_is_not_a_language_model(tmp_path):
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"Model type 'vit' is neither a causal language model nor an image-text"):
+    ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"Model type 'vit' is neither a causal language model nor an image-text"
+    ):
         load_host_model(tmp_path)
 
 
 def test_directory_without_tokenizer(tmp_path):
     LlamaForCausalLM(
-        LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        LlamaConfig(
+            vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"has no loadable tokenizer"):
         load_host_model(tmp_path)
@@ -135,7 +159,7 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert loading.cache_dir() == tmp_path / "xdg" / "megasae"
 
 
-# The built-in model: about 40 s the first time on 2 cores (GGUF -> cached HF directory), about 1 s afterwards.
+# The built-in model: about 40 s the first time (GGUF -> cached HF directory), about 1 s afterwards.
 def test_builtin_smollm2():
     model, tokenizer = load_host_model()
     assert type(model) is LlamaForCausalLM

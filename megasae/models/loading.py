@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -43,7 +49,10 @@ def default_model_path() -> Path:
 
 
 def load_host_model(
-    path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ):
     """Load a host model frozen and in eval mode; return (model, tokenizer or processor).
 
@@ -52,14 +61,19 @@ def load_host_model(
     """
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Host model path {path} does not exist; pass a model directory or a .gguf file.")
+        raise FileNotFoundError(
+            f"Host model path {path} does not exist; pass a model directory or a .gguf file."
+        )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"Host model file {path} is not a .gguf file; pass a .gguf file or a model directory.")
+            raise ValueError(
+                f"Host model file {path} is not a .gguf file; pass a .gguf file or a model directory."
+            )
         path = _converted_gguf_dir(path)
     elif not (path / "config.json").is_file():
         raise ValueError(
-            f"Directory {path} is not a Hugging Face model (no config.json); pass a model directory or a .gguf file."
+            f"Directory {path} is not a Hugging Face model (no config.json); "
+            "pass a model directory or a .gguf file."
         )
     return _load_hf_dir(path, dtype, torch.device(device))
 
@@ -75,7 +89,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: torch.device):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"Model directory {path} has no loadable tokenizer ({err}); save one beside the model.") from err
+        raise ValueError(
+            f"Model directory {path} has no loadable tokenizer ({err}); save one beside the model."
+        ) from err
     return model, tokenizer
 
 
@@ -119,11 +135,12 @@ def _converted_gguf_dir(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted or concurrent conversion never leaves half a model.
+    # Write beside the target and rename: an interrupted or concurrent conversion never leaves half a model.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the renamed directory
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are dequantised to fp32 on load; drop the GGUF quantizer so that the model saves as plain.
+        # The weights are dequantised to fp32 on load; without the GGUF quantizer the model saves as plain.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
