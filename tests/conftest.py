@@ -42,6 +42,22 @@ def tiny_llama(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def host_dir(tmp_path_factory):
+    """A tiny random Llama saved with a character-level tokenizer: a host directory `megasae train` loads."""
+    from data_fixtures import tiny_text_tokenizer
+
+    path = tmp_path_factory.mktemp("host")
+    tokenizer = tiny_text_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

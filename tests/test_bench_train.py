@@ -7,26 +7,11 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from megasae.bench.train import default_sparsify_python, heldout_fvu, main, megasae_mask
 
-from data_fixtures import tiny_text_tokenizer
 
 SPARSIFY_PYTHON = default_sparsify_python()
-
-
-@pytest.fixture(scope="module")
-def host_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("host")
-    tokenizer = tiny_text_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def bench(host_dir, out, *extra):

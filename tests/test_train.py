@@ -8,7 +8,6 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from megasae import PeftSaeModel
 from megasae.cli import main as cli_main
@@ -16,23 +15,10 @@ from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 from megasae.train.checkpoint import latest_checkpoint
 
-from data_fixtures import tiny_text_tokenizer, write_parquet
+from data_fixtures import write_parquet
 from distributed import run_ranks
 
 WORDS = "the cat sat on a mat while dogs ran in parks and birds sang over green hills".split()
-
-
-@pytest.fixture(scope="module")
-def host_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("host")
-    tokenizer = tiny_text_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
