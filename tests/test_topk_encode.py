@@ -145,8 +145,9 @@ def test_dead_mask(live, chunk, device):
     dead_mask = dead_mask.to(device)
     values, indices = kernel(x, W_enc, b_enc, b_dec, 8, dead_mask, chunk)
     check_selection(x, W_enc, b_enc, b_dec, 8, values, indices, dead_mask, atol=1e-6, rtol=1e-5)
-    want_v, _ = reference.topk_encode(*(t.cpu() for t in (x, W_enc, b_enc, b_dec)), 8, dead_mask.cpu())
+    want_v, want_i = reference.topk_encode(*(t.cpu() for t in (x, W_enc, b_enc, b_dec)), 8, dead_mask.cpu())
     torch.testing.assert_close(values.cpu(), want_v)
+    assert torch.equal(indices.cpu(), want_i)  # padding included: the first unselectable latents
 
 
 @pytest.mark.parametrize("device", DEVICES)

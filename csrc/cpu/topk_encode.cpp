@@ -1,11 +1,12 @@
 // CPU kernels of megasae::topk_encode: values, indices = relu(topk_k((x - b_dec) W_enc^T + b_enc)).
 //
-// Forward: the latents are taken in chunks of C; each chunk's pre-activations are one BLAS tile
-// [rows, C] (at::mm into a reused buffer, multi-threaded), then every row merges the tile into its
-// running top-k (at::parallel_for over rows): a vectorised pass skips the blocks whose maximum does
-// not beat the row's current k-th value, the few survivors join the running k and std::nth_element
-// keeps the k best. Exact, and never more than one [rows, C] tile in memory. Ties are broken by the
-// lower latent index, so the result does not depend on C or on the number of threads.
+// Forward: the rows are cut into tasks of R rows that the threads take dynamically; a task walks
+// the latents in chunks of C, computing each chunk's pre-activations as one BLAS tile [R, C] (one
+// at::mm into the thread's own buffer, single-threaded inside the parallel region) and merging it
+// into its rows' running top-k while the tile is still in cache (merge_tile below). The threads
+// never wait for each other before the end. Exact, never more than one [R, C] tile per thread in
+// memory, and ties are broken by the lower latent index, so the result depends neither on C nor on
+// the number of threads.
 //
 // Backward from g = grad_values * (values > 0), O(N k d), through the row primitives of rows.h:
 // grad_W_enc[m] / grad_b_enc[m] sum g[n, j] (x[n] - b_dec) / g[n, j] over the slots of latent m
@@ -14,18 +15,16 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/gt.h>
-#include <ATen/ops/sub.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/nonzero.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/where.h>
 #include <torch/library.h>
 
-#include <ATen/core/LegacyTypeDispatch.h>
-
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -40,10 +39,12 @@
 namespace megasae {
 namespace {
 
-// Pre-activations per tile (one per thread) and rows per task: see the tuning note in BENCHMARKS.md.
-static const int64_t kTileElements = std::getenv("MEGASAE_TILE") ? std::atoll(std::getenv("MEGASAE_TILE")) : (int64_t(1) << 20);
+// Rows per task and pre-activations per tile: tasks of 512 rows with 2048-latent tiles (4 MiB of
+// float32 per thread, well inside L3 next to the chunk of W_enc) ran within noise of the best of
+// 256..2048 rows and 1..16 MiB tiles at N = 4096, d = 576 on two cores (BENCHMARKS.md, "Kernels").
+constexpr int64_t kRowsPerTask = 512;
+constexpr int64_t kTileElements = int64_t(1) << 20;
 constexpr int64_t kMinChunk = 256, kMaxChunk = 4096;
-static const int64_t kRowsPerTask = std::getenv("MEGASAE_ROWS") ? std::atoll(std::getenv("MEGASAE_ROWS")) : 512;
 
 template <typename acc_t>
 struct Entry {
@@ -251,6 +252,7 @@ EncodeOut topk_encode_cpu(const at::Tensor& x_, const at::Tensor& W_enc_, const 
       at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;
         auto tile_storage = at::empty({R * C}, x_in.options());
+        cpu::advise_huge_pages(tile_storage);
         Running<acc_t> run;
         run.entries.resize(R * k);
         for (int64_t task = next_task++; task < tasks; task = next_task++) {

@@ -95,15 +95,26 @@ __device__ Selected<K> radix_select(ForEachKey for_each_key, int64_t rank, unsig
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1u);
     });
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t r = rank;
-      int b = 255;
-      for (; b > 0; --b) {
-        if (static_cast<int64_t>(hist[b]) >= r) break;
-        r -= hist[b];
+    if (threadIdx.x < kWarp) {
+      // Warp 0 finds the bin holding the rank-th largest: lane l sums bins 255-8l down to 248-8l,
+      // a prefix sum over the lanes (highest bins first) picks the lane, the lane picks the bin.
+      const int lane = threadIdx.x;
+      unsigned int local = 0;
+      for (int i = 0; i < 8; ++i) local += hist[255 - 8 * lane - i];
+      unsigned int inclusive = local;
+      for (int offset = 1; offset < kWarp; offset <<= 1) {
+        const unsigned int up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += up;
       }
-      *s_prefix = prefix | (static_cast<K>(b) << shift);
-      *s_rank = r;
+      const unsigned int exclusive = inclusive - local;
+      const unsigned int wanted = static_cast<unsigned int>(rank);
+      if (exclusive < wanted && wanted <= inclusive) {  // exactly one lane
+        unsigned int r = wanted - exclusive;
+        int b = 255 - 8 * lane;
+        for (int i = 0; i < 7 && hist[b] < r; ++i, --b) r -= hist[b];
+        *s_prefix = prefix | (static_cast<K>(b) << shift);
+        *s_rank = r;
+      }
     }
     __syncthreads();
     prefix = *s_prefix;

@@ -64,9 +64,10 @@ def topk_encode(
     The kernels compute the pre-activations chunk_size latents at a time (0: their own choice)
     in float32 (float64 for float64 inputs) and keep a running top-k per row, so no [N, M] tensor
     is ever formed; exact ties go to the lower latent index. The reference ignores chunk_size.
+    Tensors may have any strides (the kernels copy what they need contiguous).
     """
     _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
-    if not isinstance(chunk_size, int) or chunk_size < 0:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"topk_encode: chunk_size = {chunk_size!r} must be an int >= 0 (0: the kernel picks).")
     if _has_kernel(x):
         return torch.ops.megasae.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, chunk_size)

@@ -22,6 +22,11 @@ def topk_encode(
         # -inf never beats a selectable latent and becomes 0 (with zero gradient) under relu.
         pre = pre.masked_fill(~dead_mask, float("-inf"))
     values, indices = pre.topk(k, dim=-1)
+    if dead_mask is not None:
+        live = int(dead_mask.sum())
+        if live < k:  # the padding slots name the first unselectable latents, as the kernels do
+            fill = (~dead_mask).nonzero().flatten()[: k - live]
+            indices = torch.cat([indices[:, :live], fill.expand(indices.shape[0], -1)], dim=1)
     return values.relu(), indices
 
 
