@@ -259,11 +259,11 @@ def test_empty_data(tokenizer, tmp_path):
         next(short)
 
 
-def test_bad_arguments(tokenizer, text_dir):
+def test_bad_arguments(tokenizer, text_dir, chat_file):
     with pytest.raises(ValueError, match="tokens must be one of all, text, image"):
         stream(text_dir, tokenizer, tokens="images")
     with pytest.raises(ValueError, match="tokens='image' needs a processor with an image token"):
-        stream(text_dir, tokenizer, tokens="image")
+        stream(chat_file, tokenizer, tokens="image")
     with pytest.raises(ValueError, match="rank must be in"):
         stream(text_dir, tokenizer, rank=2, world_size=2)
 

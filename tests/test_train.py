@@ -5,6 +5,8 @@ from pathlib import Path
 import os
 import signal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -157,6 +159,28 @@ def test_batch_tokens_must_divide_into_micro_batches(host_dir, text_data, tmp_pa
 def test_resume_without_a_checkpoint(host_dir, text_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         Trainer(config(host_dir, text_data, tmp_path / "empty", resume=True))
+
+
+@pytest.mark.parametrize(
+    "data, tokens, message",
+    [
+        ("missing.parquet", "all", "does not exist"),
+        ("numbers.parquet", "all", "neither a 'messages' column"),
+        ("empty.parquet", "all", "holds no rows"),
+        ("text.parquet", "image", "needs chat data with images"),
+    ],
+)
+def test_bad_data_fails_before_the_host_loads(host_dir, tmp_path, monkeypatch, data, tokens, message):
+    write_parquet(tmp_path / "numbers.parquet", [{"n": 1}])
+    write_parquet(tmp_path / "text.parquet", [{"text": "a b c"}])
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the host model was loaded before the data was checked")
+
+    monkeypatch.setattr("megasae.train.trainer.load_host_model", must_not_load)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        Trainer(config(host_dir, tmp_path / data, tmp_path / "out", tokens=tokens))
 
 
 def test_cli_help_documents_every_flag(capsys):

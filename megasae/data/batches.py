@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from megasae.data.chat import ChatEncoder, collate
-from megasae.data.masks import TokenMasker, image_token_ids, tokenizer_of
+from megasae.data.masks import TOKEN_CHOICES, TokenMasker, image_token_ids, tokenizer_of
 from megasae.data.parquet import detect_schema, parquet_files, row_groups
 from megasae.data.sources import BuiltinDocuments, ParquetRows
 
@@ -134,6 +134,37 @@ def _pad_id(tokenizer) -> int:
     return 0  # any id will do: attention_mask hides padding
 
 
+def open_source(
+    data: str | Path,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    text_column: str = "text",
+    messages_column: str = "messages",
+    images_column: str = "images",
+    tokens: str = "all",
+):
+    """The row source of ``data`` for one rank, its name for messages and its kind ("builtin", "text"
+    or "chat"). Reads only Parquet footers, so every error about files, columns, emptiness and
+    ``tokens`` comes out here at once, without a tokenizer."""
+    for label, value, low in (("world_size", world_size, 1), ("seed", seed, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}.")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}.")
+    if tokens not in TOKEN_CHOICES:
+        raise ValueError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}.")
+    if str(data) == "builtin":
+        return BuiltinDocuments(seed, rank, world_size), "The built-in corpus", "builtin"
+    files = parquet_files(data)
+    schema = detect_schema(files, text_column, messages_column, images_column)
+    source = ParquetRows(row_groups(files), schema, seed, rank, world_size, str(data))
+    if tokens == "image" and schema.kind != "chat":
+        raise ValueError(f"tokens='image' needs chat data with images, but {data} is plain text.")
+    return source, str(data), schema.kind
+
+
 def build_batches(
     data: str | Path,
     processor,
@@ -156,30 +187,17 @@ def build_batches(
     or its processor for image-text models. ``tokens`` picks the trained positions: "all", "text"
     (not image) or "image". Bad files and columns are reported here, before any batch.
     """
-    for label, value, low in (
-        ("ctx_len", ctx_len, 1),
-        ("batch_size", batch_size, 1),
-        ("world_size", world_size, 1),
-        ("seed", seed, 0),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}.")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}.")
+    for label, value in (("ctx_len", ctx_len), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}.")
+    source, name, kind = open_source(
+        data, rank=rank, world_size=world_size, seed=seed, text_column=text_column,
+        messages_column=messages_column, images_column=images_column, tokens=tokens,
+    )
     masker = TokenMasker(processor, tokens)
-    tokenizer = tokenizer_of(processor)
-    if str(data) == "builtin":
-        source, name, kind = BuiltinDocuments(seed, rank, world_size), "The built-in corpus", "builtin"
-    else:
-        files = parquet_files(data)
-        schema = detect_schema(files, text_column, messages_column, images_column)
-        name, kind = str(data), schema.kind
-        source = ParquetRows(row_groups(files), schema, seed, rank, world_size, name)
     identity = {"kind": kind, "rank": rank, "world_size": world_size, "seed": seed}
     if kind == "chat":
         encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
-        return ChatStream(source, name, masker, batch_size, identity, encoder, _pad_id(tokenizer))
-    if tokens == "image":
-        raise ValueError(f"tokens='image' needs chat data with images, but {name} is plain text.")
+        return ChatStream(source, name, masker, batch_size, identity, encoder, _pad_id(tokenizer_of(processor)))
     column = None if kind == "builtin" else text_column
-    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer, ctx_len, column)
+    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
 import tempfile
@@ -13,9 +14,14 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from megasae.data import build_batches
+from megasae.data import build_batches, open_source
+from megasae.eval.held_out import HeldOutEval
 from megasae.models import load_host_model
 from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
+from megasae.parallel.adapter import full_state_dict, save_adapter, shard_saes, sharded_parameters
+from megasae.parallel.distributed import clip_grad_norm_
+from megasae.parallel.latents import shard_rows
+from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from megasae.train.config import TrainConfig
@@ -68,32 +74,49 @@ class StopRequested:
 class Trainer:
     def __init__(self, cfg: TrainConfig, par: ParallelState | None = None):
         self.cfg = cfg
-        self.par = par or init_distributed(cfg.device)
+        self.par = par or init_distributed(cfg.device, tp=cfg.tp)
+        if cfg.zero1 and self.par.tp_size > 1:
+            raise ValueError("--zero1 shards Adam's state over data-parallel ranks only; drop it with --tp > 1.")
         self.micro_tokens = cfg.micro_batch_size * cfg.ctx_len
-        per_step = self.micro_tokens * self.par.world_size
+        per_step = self.micro_tokens * self.par.dp_size
         if cfg.batch_tokens % per_step:
             raise ValueError(
-                f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of micro-batch-size x ctx-len x ranks "
-                f"({cfg.micro_batch_size} x {cfg.ctx_len} x {self.par.world_size} = {per_step})."
+                f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of micro-batch-size x ctx-len x "
+                f"data-parallel ranks ({cfg.micro_batch_size} x {cfg.ctx_len} x {self.par.dp_size} = {per_step})."
             )
         self.accumulation = cfg.batch_tokens // per_step
         self.steps = cfg.steps()
         if cfg.resume and latest_checkpoint(cfg.output_dir) is None:
             raise FileNotFoundError(f"--resume was given but {cfg.output_dir} holds no checkpoint to resume from.")
+        if cfg.eval_every > 0 and cfg.eval_data is None:
+            raise ValueError("--eval-every needs --eval-data: a Parquet file or directory of held-out rows, or 'builtin'.")
 
+        data_args = dict(rank=self.par.dp_rank, world_size=self.par.dp_size, seed=cfg.seed,
+                         text_column=cfg.text_column, messages_column=cfg.messages_column,
+                         images_column=cfg.images_column, tokens=cfg.tokens)
+        open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
         host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
+        if self.par.tp_size > 1:  # each rank reads only its slices, up to the last target layer
+            host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), self.par,
+                                                             dtype=host_dtype)
+        else:
+            host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
         self.batches = build_batches(
-            cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, rank=self.par.rank,
-            world_size=self.par.world_size, seed=cfg.seed, text_column=cfg.text_column,
-            messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
+            cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
         )
+        # Rank 0 evaluates alone; the other ranks wait for it at the next step's all-reduce.
+        self.held_out = HeldOutEval(
+            cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
+            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
+            messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
+        ) if cfg.eval_every > 0 and self.par.is_main else None
         torch.manual_seed(cfg.seed)  # the same SAE init on every rank
         self.model: PeftSaeModel = get_peft_sae_model(host, TopKSaeConfig(
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
             dead_tokens_threshold=cfg.dead_tokens_threshold,
         ))
+        shard_saes(self.model, self.par.tp_group)  # the same init as one process, each TP rank keeping its latents
         self.model.train()
         self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -126,7 +149,7 @@ class Trainer:
         sum_gradients(self.params, self.par.dp_group)
         self.model.remove_parallel_decoder_grads()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            clip_grad_norm_(self.params, self.cfg.grad_clip, sharded_parameters(self.model), self.par.tp_group)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -150,12 +173,17 @@ class Trainer:
             while self.step < self.steps:
                 metrics, tokens = self.train_step()
                 # One small all-reduce a step: the real token count and whether any rank was told to stop.
-                tokens, stop_votes = sum_over_ranks([tokens, stop.requested], par.dp_group, par.device)
+                # Every rank votes; the ranks of a TP group read the same tokens, so only one counts them.
+                own_tokens = tokens if par.tp_rank == 0 else 0
+                tokens, stop_votes = sum_over_ranks([own_tokens, stop.requested], par.world_group, par.device)
                 self.tokens += int(tokens)
                 window_tokens += tokens
                 log.advance(int(tokens))
-                if self.step % cfg.log_every == 0 or self.step == self.steps:
+                evaluate = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+                if self.step % cfg.log_every == 0 or self.step == self.steps or evaluate:
                     record = self._summarise(metrics, window_tokens / (time.perf_counter() - window_start))
+                    if self.held_out is not None and evaluate:
+                        record.update(self.held_out(self.model))
                     log.log(record)
                     window_start, window_tokens = time.perf_counter(), 0
                 if stop_votes > 0:
@@ -165,8 +193,7 @@ class Trainer:
                     self.save_checkpoint()
                     next_save += cfg.save_every
             self.save_checkpoint()
-            if par.is_main:
-                self._save_final_adapter()
+            self._save_final_adapter()
         finally:
             stop.restore()
             log.close()
@@ -180,7 +207,7 @@ class Trainer:
         names, values = metrics.flat()
         summed = dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device)))
         record = {"step": self.step, "tokens": self.tokens}
-        record.update(metrics.summarise(summed, self.par.world_size))
+        record.update(metrics.summarise(summed, self.par.dp_size))
         record["lr"] = self.schedule.get_last_lr()[0]
         record["tokens_per_s"] = tokens_per_s
         return record
@@ -204,7 +231,8 @@ class Trainer:
             "dead_counters": {l.module_path: dict(l.sae_tokens_since_fired.items()) for l in layers},
             "needs_init": {l.module_path: dict(l.sae_needs_init) for l in layers},
         }
-        return save_checkpoint(self.cfg.output_dir, self.step, self.par, self.model.save_pretrained, state)
+        save = functools.partial(save_adapter, self.model, is_main=self.par.is_main)
+        return save_checkpoint(self.cfg.output_dir, self.step, self.par, save, state)
 
     def _restore(self, checkpoint: Path) -> None:
         adapter = load_file(checkpoint / "adapter_model.safetensors")
@@ -213,7 +241,8 @@ class Trainer:
             saved_key = key.removesuffix(".default")
             if saved_key not in adapter:
                 raise ValueError(f"Checkpoint {checkpoint} has no {saved_key}: it was written for other target modules.")
-            param.copy_(adapter[saved_key])
+            whole = adapter[saved_key]  # the saved adapter is whole; a latent-parallel rank keeps its rows
+            param.copy_(whole if whole.shape == param.shape else shard_rows(whole, self.par.tp_group))
         state = load_trainer_state(checkpoint, self.par)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
             state["optimizer"] = self._broadcast_object(state["optimizer"])
@@ -234,9 +263,13 @@ class Trainer:
         return holder[0]
 
     def _save_final_adapter(self) -> None:
-        """The output directory ends as a standard PEFT adapter; each file replaced atomically."""
+        """The output directory ends as a standard PEFT adapter, each file replaced atomically; every rank
+        takes part (latent-parallel SAEs gather their shards) and rank 0 writes."""
+        state = full_state_dict(self.model)
+        if not self.par.is_main:
+            return
         with tempfile.TemporaryDirectory(dir=self.cfg.output_dir) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=state)
             for name in ADAPTER_FILES:
                 Path(tmp, name).replace(self.cfg.output_dir / name)
 
