@@ -30,6 +30,21 @@ def train_command(args: list[str]) -> None:
     train(cfg)
 
 
+def eval_command(args: list[str]) -> None:
+    """Evaluate an SAE adapter on held-out data: eval.json, report.md and plots."""
+    from megasae.eval import EvalConfig, run_eval
+
+    out = run_eval(tyro.cli(EvalConfig, args=args, prog="megasae eval"))
+    print(f"wrote {out / 'report.md'} and {out / 'eval.json'}")
+
+
+def inspect_command(args: list[str]) -> None:
+    """Write an HTML page of chosen latents' top-activating contexts."""
+    from megasae.eval import InspectConfig, run_inspect
+
+    print(f"wrote {run_inspect(tyro.cli(InspectConfig, args=args, prog='megasae inspect'))}")
+
+
 def bench_command(args: list[str]) -> None:
     """Benchmarks: `megasae bench <name> --help` (kernels, train)."""
     from megasae.bench import BENCHMARKS
@@ -39,7 +54,9 @@ def bench_command(args: list[str]) -> None:
     BENCHMARKS[args[0]](args[1:])
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"train": train_command, "bench": bench_command}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": train_command, "eval": eval_command, "inspect": inspect_command, "bench": bench_command,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,20 +4,13 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2VLVideoProcessor,
-)
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megasae import PeftSaeModel
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 
-from data_fixtures import png_bytes, qwen25vl_token_ids, tiny_qwen25vl_processor, tiny_text_tokenizer, write_parquet
+from data_fixtures import tiny_text_tokenizer, write_parquet
 
 
 def run(tmp_path, model_dir, data, **overrides):
@@ -41,39 +34,6 @@ def test_qwen2_on_text(tmp_path):
     assert len(records) == 4 and all(0 < r["fvu"] < 10 for r in records)
     host, _ = load_host_model(tmp_path / "host")
     PeftSaeModel.from_pretrained(host, tmp_path / "run")
-
-
-@pytest.fixture(scope="module")
-def qwen25vl_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen25vl")
-    tiny = tiny_qwen25vl_processor()
-    # The saved processor is the real one (its video processor needs torchvision, the `vl` extra).
-    Qwen2_5_VLProcessor(image_processor=tiny.image_processor, tokenizer=tiny.tokenizer,
-                        video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.chat_template).save_pretrained(path)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           fullatt_block_indexes=[0]),
-        **qwen25vl_token_ids(tiny),
-    )
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    rows = []
-    for i in range(12):
-        content = [{"type": "image"}, {"type": "text", "text": f"what is in picture {i}?"}]
-        rows.append({
-            "messages": [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": "noise, mostly."}]}],
-            "images": [png_bytes(56, 56, seed=i)],
-        })
-    return write_parquet(tmp_path_factory.mktemp("chat") / "chat.parquet", rows)
 
 
 @pytest.mark.parametrize("tokens", ["all", "image"])

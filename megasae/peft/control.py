@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from megasae import sae
-from megasae.peft.layer import CaptureSession, SaeMode, StopForward, TopKSaeLayer
+from megasae.peft.layer import CaptureSession, Replacement, SaeMode, StopForward, TopKSaeLayer
 
 
 def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
@@ -40,6 +40,7 @@ def capture(
     stop_after_targets: bool = False,
     outlier_factor: float | None = None,
     group: dist.ProcessGroup | None = None,
+    replace: dict[str, Replacement] | None = None,
 ) -> Iterator[dict[str, sae.SaeOutput]]:
     """Within the block every forward of `model` captures, and the yielded dict fills with one
     `SaeOutput` per target module path.
@@ -52,9 +53,18 @@ def capture(
         of the kept tokens (attention sinks, whose norms reach 100x the rest).
     group: the data-parallel process group; b_dec's initial mean, FVU's denominator and the
         dead-latent counters then cover the tokens of all its ranks (every rank must run the forward).
+    replace: target module path -> "sae" or "zero": that module's output, on the rows its SAE reads,
+        is replaced by the reconstruction (splice) or by zeros (ablation); the other rows pass unchanged.
     """
     layers = _active_sae_layers(model)
-    session = CaptureSession(token_mask, stop_after_targets, len(layers), outlier_factor, group)
+    replace = dict(replace or {})
+    unknown = sorted(set(replace) - {layer.module_path for layer in layers})
+    if unknown or not set(replace.values()) <= {"sae", "zero"}:
+        raise ValueError(
+            f"replace must map target module paths {[layer.module_path for layer in layers]} to 'sae' or 'zero', "
+            f"got {replace!r}."
+        )
+    session = CaptureSession(token_mask, stop_after_targets, len(layers), outlier_factor, group, replace)
     for layer in layers:
         layer.capture_session = session
     plain_forward = model.forward

@@ -23,6 +23,7 @@ from megasae import sae
 from megasae.peft.config import TopKSaeConfig
 
 SaeMode = Literal["auto", "capture", "splice"]
+Replacement = Literal["sae", "zero"]
 
 
 class StopForward(Exception):
@@ -40,6 +41,9 @@ class CaptureSession:
     outlier_factor: float | None = None
     # Data-parallel group: b_dec init, FVU's denominator and dead-latent counters span its ranks.
     group: dist.ProcessGroup | None = None
+    # Target module path -> "sae" (reconstruction) or "zero" (ablation): what replaces that module's output
+    # on the rows its SAE read, for evaluation; every other row keeps the host's own value.
+    replace: dict[str, Replacement] = field(default_factory=dict)
     outputs: dict[str, sae.SaeOutput] = field(default_factory=dict)
     captured_this_forward: set[str] = field(default_factory=set)
 
@@ -205,7 +209,17 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             x_hat = self._reconstruct(adapter, sae_in).to(hidden.dtype)
             return (x_hat, *result[1:]) if isinstance(result, tuple) else x_hat
         self._capture(adapter, sae_in, hidden)
-        return result
+        session = self.capture_session
+        replacement = session.replace.get(self.module_path) if session is not None else None
+        if replacement is None:
+            return result
+        # Only the rows the SAE read change: splicing or ablating position 0, special tokens or outliers,
+        # which it never trained on, would measure those rows rather than the SAE.
+        out, rows = self.sae_output, hidden.flatten(0, -2).clone()
+        new_rows = 0 if replacement == "zero" else out.x_hat.to(rows.dtype)
+        rows[slice(None) if out.kept is None else out.kept] = new_rows
+        rows = rows.view_as(hidden)
+        return (rows, *result[1:]) if isinstance(result, tuple) else rows
 
     def _the_active_adapter(self) -> str:
         if len(self.active_adapters) > 1:
@@ -250,6 +264,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
                 self.sae_b_dec[adapter].data.copy_(mean)
                 self.sae_needs_init[adapter] = False
         output = self._losses(adapter, x, target, group)
+        output.kept = keep
         if self.training:
             sae.update_dead_counters(self.sae_tokens_since_fired[adapter], output.indices, output.values, group)
         self.sae_output = output

@@ -14,7 +14,7 @@ from megasae.peft.config import PEFT_TYPE, TopKSaeConfig
 from megasae.peft.layer import SaeMode
 
 
-def _check_is_sae_adapter(model_id: str | os.PathLike) -> None:
+def check_sae_adapter(model_id: str | os.PathLike) -> None:
     config_file = Path(model_id) / "adapter_config.json"
     if not config_file.is_file():
         raise ValueError(
@@ -43,14 +43,14 @@ class PeftSaeModel(PeftModel):
         **kwargs,
     ) -> PeftSaeModel:
         if config is None:
-            _check_is_sae_adapter(model_id)
+            check_sae_adapter(model_id)
             config = TopKSaeConfig.from_pretrained(model_id)
         config.init_sae_weights = False  # the weights come from the file
         return super().from_pretrained(model, model_id, adapter_name, is_trainable, config, **kwargs)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args, **kwargs):
         if os.path.isdir(model_id):
-            _check_is_sae_adapter(model_id)
+            check_sae_adapter(model_id)
         return super().load_adapter(model_id, adapter_name, *args, **kwargs)
 
     def capture(self, **options):

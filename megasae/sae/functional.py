@@ -37,6 +37,9 @@ class SaeOutput:
     auxk: Tensor
     loss: Tensor
     num_dead: int
+    # bool over the flattened leading positions of the activations (e.g. batch x seq): the rows `x` holds,
+    # in order; None when it holds all of them.
+    kept: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -70,6 +70,12 @@ class TrainConfig:
     """Write a checkpoint every this many tokens; 0 means only at the end and on interrupt."""
     log_every: int = 10
     """Log metrics every this many steps."""
+    eval_every: int = 0
+    """Every this many steps, log FVU, L0 and dead latents on held-out data (--eval-data); 0 never."""
+    eval_data: str | None = None
+    """Held-out data for --eval-every: a Parquet file, a directory of Parquet files, or 'builtin'."""
+    eval_tokens: int = 16_384
+    """Tokens of --eval-data read at each evaluation (the same ones every time)."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """wandb logging; offline never touches the network."""
     wandb_project: str = "megasae"

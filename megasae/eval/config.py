@@ -1,0 +1,81 @@
+"""What `megasae eval` and `megasae inspect` take: a host, an adapter, held-out data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class HeldOutData:
+    """The host, the adapter and the held-out data both commands read."""
+
+    adapter: Path
+    """Adapter directory written by `megasae train` (adapter_config.json + adapter_model.safetensors)."""
+    model: str | None = None
+    """Host model: a Hugging Face model directory or a .gguf file; none means SmolLM2-135M-Instruct."""
+    data: str = "builtin"
+    """Held-out data: a Parquet file, a directory of Parquet files, or 'builtin'."""
+    max_tokens: int = 65_536
+    """Read at most this many tokens (one pass over the data at most)."""
+    batch_size: int = 8
+    """Sequences per forward."""
+    ctx_len: int = 256
+    """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
+    seed: int = 1
+    """Seed of the data order; training's default is 0, so the built-in corpus starts elsewhere."""
+    tokens: Literal["all", "text", "image"] = "all"
+    """Which positions the SAEs read and replace, by modality; padding, position 0 and special tokens never."""
+    outlier_factor: float | None = 10.0
+    """Leave out tokens whose activation norm exceeds this multiple of the batch median, as training does."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the host model."""
+    text_column: str = "text"
+    """Parquet column of plain text."""
+    messages_column: str = "messages"
+    """Parquet column of chat messages (a list of {role, content})."""
+    images_column: str = "images"
+    """Parquet column of encoded image bytes for chat rows."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the host and SAEs run; auto picks CUDA when available."""
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+
+@dataclass
+class EvalConfig(HeldOutData):
+    """Evaluate a trained SAE adapter on held-out data: reconstruction, sparsity, and the host's next-token
+    loss with each target spliced in and zero-ablated. Writes eval.json, report.md, density.png, l0.png."""
+
+    output_dir: Path = Path("runs/eval")
+    """Where eval.json, report.md and the plots go."""
+
+
+@dataclass
+class InspectConfig(HeldOutData):
+    """Write a static HTML page of the top-activating contexts (and image patches) of chosen latents."""
+
+    latents: str = ""
+    """Comma-separated latent ids, e.g. 0,17,42."""
+    top: int = 0
+    """Instead of --latents: the N latents that fire most often on the data."""
+    target: str | None = None
+    """The target module whose SAE to inspect; needed only when the adapter has several."""
+    examples: int = 8
+    """Top-activating contexts shown per latent (one per sequence)."""
+    output_dir: Path = Path("runs/eval")
+    """The page goes to OUTPUT_DIR/inspect.html unless --output names a file."""
+    output: Path | None = None
+    """The HTML file to write."""
+
+    def page_path(self) -> Path:
+        return self.output if self.output is not None else self.output_dir / "inspect.html"
