@@ -91,7 +91,7 @@ class Collector:
         self.tokens = 0  # tokens the SAE read
 
     def _outputs(self):
-        """(batch, inputs, the target's SaeOutput) for each held-out batch."""
+        """(batch, the target's SaeOutput) for each held-out batch; the forward stops after the last target."""
         cfg = self.cfg
         for batch in held_out_batches(cfg.data, self.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
                                       batch_size=cfg.batch_size, seed=cfg.seed, text_column=cfg.text_column,

@@ -104,12 +104,13 @@ class Trainer:
         self.batches = build_batches(
             cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
         )
-        # Rank 0 evaluates alone; the other ranks wait for it at the next step's all-reduce.
+        # The first data-parallel replica evaluates (all its tensor-parallel ranks: the host forward and the
+        # latent-parallel SAEs need each of them); the other replicas wait at the next step's all-reduce.
         self.held_out = HeldOutEval(
             cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
             ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
             messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
-        ) if cfg.eval_every > 0 and self.par.is_main else None
+        ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
         torch.manual_seed(cfg.seed)  # the same SAE init on every rank
         self.model: PeftSaeModel = get_peft_sae_model(host, TopKSaeConfig(
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
