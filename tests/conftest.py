@@ -12,6 +12,8 @@ from transformers import (
 
 torch.use_deterministic_algorithms(True)
 
+WORDS = "a quick brown fox jumps over the lazy dog while seven tired owls hum old songs".split()
+
 
 class DummyModel(nn.Module):
     """The host model of the original project's README example."""
@@ -102,6 +104,17 @@ def chat_data(tmp_path_factory):
             "images": [png_bytes(56, 56, seed=i)],
         })
     return write_parquet(tmp_path_factory.mktemp("chat") / "chat.parquet", rows)
+
+
+@pytest.fixture(scope="module")
+def words_data(tmp_path_factory):
+    """60 Parquet rows of 30 random words each: about 9,000 characters of plain text."""
+    from data_fixtures import write_parquet
+
+    g = torch.Generator().manual_seed(1)
+    rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (30,), generator=g).tolist())}
+            for _ in range(60)]
+    return write_parquet(tmp_path_factory.mktemp("eval-data") / "text.parquet", rows)
 
 
 @pytest.fixture(autouse=True)

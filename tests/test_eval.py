@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from data_fixtures import write_parquet
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,21 +17,12 @@ from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.cli import main as cli_main
 from megasae.eval import EvalConfig, evaluate
 from megasae.eval.batches import held_out_batches
+from megasae.eval.files import write_atomic
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 
-from data_fixtures import write_parquet
-
 TARGET = "model.layers.1"
-WORDS = "a quick brown fox jumps over the lazy dog while seven tired owls hum old songs".split()
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    g = torch.Generator().manual_seed(1)
-    rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (30,), generator=g).tolist())}
-            for _ in range(60)]
-    return write_parquet(tmp_path_factory.mktemp("eval-data") / "text.parquet", rows)
+from conftest import WORDS
 
 
 def save_adapter(host_dir, path, targets=(TARGET,), weights=None, k=4, num_latents=64):
@@ -118,10 +110,10 @@ def reference(host_dir, adapter_dir, cfg):
 
 
 @pytest.mark.parametrize("outlier_factor", [None, 1.0])
-def test_every_metric_matches_a_plain_torch_reference(host_dir, text_data, tmp_path, outlier_factor):
+def test_every_metric_matches_a_plain_torch_reference(host_dir, words_data, tmp_path, outlier_factor):
     """With factor 1, the rows above the median norm are outliers: neither read, scored nor spliced."""
     adapter = save_adapter(host_dir, tmp_path / "adapter")
-    cfg = eval_config(host_dir, adapter, text_data, outlier_factor=outlier_factor)
+    cfg = eval_config(host_dir, adapter, words_data, outlier_factor=outlier_factor)
     got = evaluate(cfg)["targets"][TARGET]["groups"]["all"]
     want = reference(host_dir, adapter, cfg)
     assert got["tokens"] == want["tokens"] > 50
@@ -137,29 +129,29 @@ def test_every_metric_matches_a_plain_torch_reference(host_dir, text_data, tmp_p
     assert got["kl_clean_spliced"] > 0 and got["predictions"] < got["tokens"]  # the last column predicts nothing
 
 
-def test_a_perfect_sae_recovers_all_loss_and_a_zero_sae_none(host_dir, text_data, tmp_path):
+def test_a_perfect_sae_recovers_all_loss_and_a_zero_sae_none(host_dir, words_data, tmp_path):
     eye = torch.eye(32)
     # Latent i reads +x_i, latent 32 + i reads -x_i: with k = 32 the positive half is kept, and decodes to x.
     perfect = save_adapter(host_dir, tmp_path / "perfect", k=32, weights={
         "W_enc": torch.cat([eye, -eye]), "W_dec": torch.cat([eye, -eye]), "b_enc": torch.zeros(64),
         "b_dec": torch.zeros(32)})
-    got = evaluate(eval_config(host_dir, perfect, text_data))["targets"][TARGET]["groups"]["all"]
+    got = evaluate(eval_config(host_dir, perfect, words_data))["targets"][TARGET]["groups"]["all"]
     assert got["fvu"] == pytest.approx(0, abs=1e-10) and got["cosine_similarity"] == pytest.approx(1)
     assert got["ce_spliced"] == pytest.approx(got["ce_clean"], abs=1e-6)
     assert got["loss_recovered"] == pytest.approx(1, abs=1e-5) and got["kl_clean_spliced"] == pytest.approx(0, abs=1e-6)
     assert abs(got["ce_ablated"] - got["ce_clean"]) > 1e-3  # the ratio is well defined
 
     zero = save_adapter(host_dir, tmp_path / "zero", weights={"W_dec": torch.zeros(64, 32), "b_dec": torch.zeros(32)})
-    got = evaluate(eval_config(host_dir, zero, text_data))["targets"][TARGET]["groups"]["all"]
+    got = evaluate(eval_config(host_dir, zero, words_data))["targets"][TARGET]["groups"]["all"]
     assert got["ce_spliced"] == pytest.approx(got["ce_ablated"], abs=1e-6)
     assert got["loss_recovered"] == pytest.approx(0, abs=1e-5)
     assert got["relative_norm"] == 0 and got["fvu"] > 1
 
 
-def test_cli_writes_report_json_and_plots_for_each_target(host_dir, text_data, tmp_path, capsys):
+def test_cli_writes_report_json_and_plots_for_each_target(host_dir, words_data, tmp_path, capsys):
     adapter = save_adapter(host_dir, tmp_path / "adapter", targets=("model.layers.0", "model.layers.2"))
     out = tmp_path / "out"
-    cli_main(["eval", "--model", str(host_dir), "--adapter", str(adapter), "--data", str(text_data),
+    cli_main(["eval", "--model", str(host_dir), "--adapter", str(adapter), "--data", str(words_data),
               "--max-tokens", "64", "--batch-size", "4", "--ctx-len", "16", "--device", "cpu",
               "--output-dir", str(out)])
     assert "report.md" in capsys.readouterr().out
@@ -179,11 +171,11 @@ def test_cli_writes_report_json_and_plots_for_each_target(host_dir, text_data, t
             assert image.format == "PNG" and image.height > image.width / 2  # one panel per target
 
 
-def test_bad_input_gets_one_clear_sentence(host_dir, text_data, tmp_path):
+def test_bad_input_gets_one_clear_sentence(host_dir, words_data, tmp_path):
     not_adapter = tmp_path / "not-an-adapter"
     not_adapter.mkdir()
     with pytest.raises(ValueError, match="not-an-adapter is not a megasae adapter directory"):
-        evaluate(eval_config(host_dir, not_adapter, text_data))
+        evaluate(eval_config(host_dir, not_adapter, words_data))
     adapter = save_adapter(host_dir, tmp_path / "adapter")
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
@@ -204,20 +196,32 @@ def test_one_pass_at_most(host_dir, tmp_path):
     assert once["tokens"] == total // 64 * 64
 
 
-def test_train_eval_every_logs_the_held_out_numbers_eval_computes(host_dir, text_data, tmp_path):
+def test_train_eval_every_logs_the_held_out_numbers_eval_computes(host_dir, words_data, tmp_path):
     out = tmp_path / "run"
-    cfg = TrainConfig(model=str(host_dir), data=str(text_data), target_modules=(TARGET,), k=4, expansion_factor=2,
+    cfg = TrainConfig(model=str(host_dir), data=str(words_data), target_modules=(TARGET,), k=4, expansion_factor=2,
                       ctx_len=16, micro_batch_size=4, batch_tokens=64, max_tokens=64 * 6, warmup_steps=1,
-                      log_every=4, eval_every=3, eval_data=str(text_data), eval_tokens=128, wandb_mode="disabled",
+                      log_every=4, eval_every=3, eval_data=str(words_data), eval_tokens=128, wandb_mode="disabled",
                       output_dir=out, device="cpu", lr=3e-3)
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4, 6]
     assert ["eval/fvu" in r for r in records] == [True, False, True]
-    final = evaluate(eval_config(host_dir, out, text_data, max_tokens=128, seed=0, outlier_factor=10.0))
+    final = evaluate(eval_config(host_dir, out, words_data, max_tokens=128, seed=0, outlier_factor=10.0))
     stats = final["targets"][TARGET]["groups"]["all"]
     assert records[-1]["eval/fvu"] == pytest.approx(stats["fvu"], rel=1e-5)
     assert records[-1]["eval/l0"] == pytest.approx(stats["l0"], rel=1e-6)
     assert records[-1]["eval/dead_pct"] == pytest.approx(100 * stats["dead_fraction"])
     with pytest.raises(ValueError, match="--eval-every needs --eval-data"):
-        Trainer(TrainConfig(model=str(host_dir), data=str(text_data), eval_every=2, output_dir=out, device="cpu"))
+        Trainer(TrainConfig(model=str(host_dir), data=str(words_data), eval_every=2, output_dir=out, device="cpu"))
+
+
+def test_writes_are_atomic_and_replace_is_checked(host_dir, tmp_path):
+    target = write_atomic(tmp_path / "eval.json", "old")
+    with pytest.raises(TypeError):
+        write_atomic(target, 123)  # fails mid-write
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    assert target.stat().st_mode & 0o777 == 0o644
+    model = get_peft_sae_model(load_host_model(host_dir)[0], TopKSaeConfig(k=2, num_latents=8, target_modules=[TARGET]))
+    with pytest.raises(ValueError, match=r"replace must map target module paths \['model.layers.1'\] to 'sae' or 'zero'"), \
+            model.capture(replace={"model.layers.2": "sae"}):
+        pass

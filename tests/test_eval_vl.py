@@ -8,14 +8,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from data_fixtures import tiny_qwen25vl_processor
 from PIL import Image
 
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.eval import EvalConfig, InspectConfig, evaluate, run_inspect
 from megasae.eval.images import image_runs, unpatchify_qwen
 from megasae.models import load_host_model
-
-from data_fixtures import tiny_qwen25vl_processor
 
 TARGET = "model.language_model.layers.1"
 

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval import TARGET, save_adapter
 
 from megasae.cli import main as cli_main
 from megasae.eval import EvalConfig, InspectConfig, evaluate, run_inspect
 from megasae.eval.batches import held_out_batches
 from megasae.eval.splice import load_sae_model
-
-from test_eval import TARGET, save_adapter, text_data  # noqa: F401 (text_data is a fixture)
 
 SETTINGS = dict(max_tokens=256, batch_size=4, ctx_len=16, seed=3, device="cpu", outlier_factor=None)
 
@@ -46,26 +45,26 @@ def sections(page):
     return re.findall(r'<section class="latent" id="latent-(\d+)">', page)
 
 
-def test_latents_show_their_strongest_contexts(host_dir, adapter, text_data, tmp_path):
+def test_latents_show_their_strongest_contexts(host_dir, adapter, words_data, tmp_path):
     page_path = tmp_path / "page.html"
-    cli_main(["inspect", "--model", str(host_dir), "--adapter", str(adapter), "--data", str(text_data),
+    cli_main(["inspect", "--model", str(host_dir), "--adapter", str(adapter), "--data", str(words_data),
               "--latents", "3,0", "--examples", "5", "--output", str(page_path)]
              + [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()])
     page = page_path.read_text()
     assert sections(page) == ["3", "0"]
     latent_3 = page.split('id="latent-0"')[0]
     scores = [float(s) for s in re.findall(r'<span class="score">([0-9.]+)</span>', latent_3)]
-    want = strongest_per_sequence(host_dir, adapter, text_data, 3)[:5]
+    want = strongest_per_sequence(host_dir, adapter, words_data, 3)[:5]
     assert scores == pytest.approx(want, abs=1e-3)  # the top 5 sequences, strongest first
     # The strongest token of the first example is fully shaded; a context is at most 24 + 1 + 8 tokens.
     first = latent_3.split("<li>")[1]
     assert 'background:rgba(255,90,0,1.000)' in first and first.count("<span") - 1 <= 33
 
 
-def test_top_picks_the_most_frequent_latents(host_dir, adapter, text_data, tmp_path):
-    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(text_data), top=4,
+def test_top_picks_the_most_frequent_latents(host_dir, adapter, words_data, tmp_path):
+    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), top=4,
                                      output_dir=tmp_path, **SETTINGS)).read_text()
-    frequency = evaluate(EvalConfig(adapter=adapter, model=str(host_dir), data=str(text_data), **SETTINGS))[
+    frequency = evaluate(EvalConfig(adapter=adapter, model=str(host_dir), data=str(words_data), **SETTINGS))[
         "targets"][TARGET]["groups"]["all"]["firing_frequency"]
     most = torch.argsort(torch.tensor(frequency), descending=True, stable=True)[:4].tolist()
     assert [int(i) for i in sections(page)] == most
@@ -73,16 +72,15 @@ def test_top_picks_the_most_frequent_latents(host_dir, adapter, text_data, tmp_p
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"latents": "1,64,99"}, r"Latent ids \[64, 99\] do not exist: the SAE on 'model.layers.1' has 64 latents, "
-                             r"ids 0 to 63"),
+    ({"latents": "1,64,99"}, r"Latent ids \[64, 99\] do not exist: the SAE on 'model.layers.1' has 64 latents, ids 0"),
     ({"latents": "1,x"}, "--latents must be comma-separated latent ids such as 0,17,42, got '1,x'"),
     ({"latents": "1", "top": 3}, "Pass exactly one of --latents"),
     ({}, "Pass exactly one of --latents"),
     ({"latents": "1", "target": "model.layers.2"}, r"has no SAE on 'model.layers.2'; its targets are \['model.layers.1'\]"),
 ])
-def test_bad_input_gets_one_clear_sentence(host_dir, adapter, text_data, tmp_path, flags, message):
+def test_bad_input_gets_one_clear_sentence(host_dir, adapter, words_data, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
-        run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(text_data), output_dir=tmp_path,
+        run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), output_dir=tmp_path,
                                   **SETTINGS, **flags))
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -92,12 +90,13 @@ def chromium() -> str | None:
 
 
 @pytest.mark.skipif(chromium() is None, reason="no chromium binary (Debian: apt-get install chromium)")
-def test_page_renders_in_headless_chromium(host_dir, adapter, text_data, tmp_path):
-    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(text_data), latents="3,0",
+def test_page_renders_in_headless_chromium(host_dir, adapter, words_data, tmp_path):
+    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), latents="3,0",
                                      output_dir=tmp_path, **SETTINGS))
     flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
     assert sections(dom) == ["3", "0"] and dom.count("<li>") >= 2
     shot = tmp_path / "shot.png"
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1000,700", page.as_uri()], capture_output=True,

@@ -17,9 +17,9 @@ def held_out_batches(data: str, processor, *, max_tokens: int, ctx_len: int, bat
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}.")
-    stream = build_batches(data, processor, ctx_len=ctx_len, batch_size=batch_size, rank=0, world_size=1, seed=seed,
-                           text_column=text_column, messages_column=messages_column, images_column=images_column,
-                           tokens=tokens)
+    stream = build_batches(data, processor, ctx_len=ctx_len, batch_size=batch_size, rank=0, world_size=1,
+                           seed=seed, text_column=text_column, messages_column=messages_column,
+                           images_column=images_column, tokens=tokens)
     read = 0
     while read < max_tokens:
         batch = next(stream)

@@ -56,7 +56,8 @@ def check_latents(latents: list[int], num_latents: int, path: str) -> None:
     bad = [i for i in latents if not 0 <= i < num_latents]
     if bad:
         raise ValueError(
-            f"Latent ids {bad} do not exist: the SAE on {path!r} has {num_latents} latents, ids 0 to {num_latents - 1}."
+            f"Latent ids {bad} do not exist: the SAE on {path!r} has {num_latents} latents, "
+            f"ids 0 to {num_latents - 1}."
         )
 
 
@@ -86,7 +87,9 @@ class Collector:
             raise ValueError(f"The adapter {cfg.adapter} has SAEs on {sorted(layers)}; choose one with --target.")
         self.path = cfg.target or next(iter(layers))
         if self.path not in layers:
-            raise ValueError(f"The adapter {cfg.adapter} has no SAE on {self.path!r}; its targets are {sorted(layers)}.")
+            raise ValueError(
+                f"The adapter {cfg.adapter} has no SAE on {self.path!r}; its targets are {sorted(layers)}."
+            )
         self.num_latents = layers[self.path].num_latents("default")
         self.tokens = 0  # tokens the SAE read
 
@@ -128,7 +131,8 @@ class Collector:
                 entry.fired += int((acts[..., j] > 0).sum())
                 for b in range(input_ids.shape[0]):
                     score = float(scores[b, j])
-                    if score <= 0 or (len(entry.examples) == self.cfg.examples and score <= entry.examples[-1].score):
+                    full = len(entry.examples) == self.cfg.examples
+                    if score <= 0 or (full and score <= entry.examples[-1].score):
                         continue
                     example = self._example(batch, b, int(positions[b, j]), acts[b, :, j], runs[b])
                     image = int(runs[b, positions[b, j]])
@@ -138,7 +142,8 @@ class Collector:
                                                      self.processor.image_processor)
                         example.image = images[image]
                         example.image_activations = acts[b, runs[b] == image, j]
-                        example.grid = token_grid(batch.inputs["image_grid_thw"][image], self.processor.image_processor)
+                        example.grid = token_grid(batch.inputs["image_grid_thw"][image],
+                                                  self.processor.image_processor)
                     entry.offer(example, self.cfg.examples)
         return found
 

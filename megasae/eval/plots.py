@@ -49,7 +49,8 @@ def l0_png(result: dict) -> bytes:
                 continue
             ax.stairs(counts / counts.sum(), np.arange(counts.size + 1) - 0.5, color=COLORS[group],
                       label=f"{group}: mean {stats['l0']:.1f}")
-        ax.set(title=f"{path}: k = {target['k']}", xlabel="active latents per token (L0)", ylabel="fraction of tokens")
+        ax.set(title=f"{path}: k = {target['k']}", xlabel="active latents per token (L0)",
+               ylabel="fraction of tokens")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="upper left")
     return _png(fig)
