@@ -59,7 +59,9 @@ def test_hf_directory(llama_dir):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ids = torch.tensor([tokenizer.encode("def f self return", add_special_tokens=False)])
     assert ids.tolist() == [[2, 0, 6, 3]]
-    assert model(input_ids=ids).logits.shape == (1, 4, len(WORDS))
+    out = model(input_ids=ids)
+    assert out.logits.shape == (1, 4, len(WORDS))
+    assert out.past_key_values is None  # no KV cache: megasae never generates
 
 
 def test_dtype_and_str_path(llama_dir):
@@ -103,6 +105,7 @@ def test_image_text_model_uses_its_auto_class(tmp_path, with_processor):
     model, tokenizer_or_processor = load_host_model(tmp_path)
     assert type(model) is Qwen2_5_VLForConditionalGeneration
     assert_frozen_eval(model)
+    assert model(input_ids=torch.tensor([[2, 0, 6, 3]])).past_key_values is None
     assert type(tokenizer_or_processor) is (
         Qwen2_5_VLProcessor if with_processor else PreTrainedTokenizerFast
     )

@@ -84,6 +84,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: torch.device):
     auto_cls = AutoModelForImageTextToText if image_text else AutoModelForCausalLM
     model = auto_cls.from_pretrained(path, dtype=dtype, attn_implementation=_attn_implementation(device))
     model.to(device).eval().requires_grad_(False)
+    # megasae never generates: a KV cache would cost every forward time and memory for nothing.
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
     if image_text and any((path / name).is_file() for name in _PROCESSOR_FILES):
         return model, AutoProcessor.from_pretrained(path)
     try:
