@@ -129,19 +129,32 @@ def test_token_mask_selects_the_rows_the_sae_reads():
             model(input_ids=ids)
 
 
-def test_b_dec_starts_as_the_masked_mean_of_the_first_batch():
+def test_first_batch_sets_b_dec_to_its_masked_mean_and_fits_the_encoder_scale():
     model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=2, num_latents=8, target_modules=["down"]))
     model.train()
+    down = model.get_base_model().down
+    W_enc = down.sae_W_enc["default"].detach().clone()
+    W_dec = down.sae_W_dec["default"].detach().clone()
     x = torch.randn(3, 4, 16)
     mask = torch.rand(3, 4) > 0.3
     with model.capture(token_mask=mask) as outputs:
         model(x)
-    down = model.get_base_model().down
-    torch.testing.assert_close(down.sae_b_dec["default"], outputs["down"].x.mean(0))
-    before = down.sae_b_dec["default"].detach().clone()
+    rows = outputs["down"].x
+    b_dec = rows.mean(0)
+    torch.testing.assert_close(down.sae_b_dec["default"], b_dec)
+    # The scale s minimising ||(x - b_dec) - s y||^2, y the unscaled encoder's reconstruction, by hand.
+    pre = (rows - b_dec) @ W_enc.T
+    top = pre.topk(2, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    y = z @ W_dec
+    s = ((rows - b_dec) * y).sum() / y.pow(2).sum()
+    torch.testing.assert_close(down.sae_W_enc["default"], s * W_enc)
+    assert ((rows - b_dec - s * y).pow(2).sum() < (rows - b_dec - y).pow(2).sum())
+    before = {name: getattr(down, name)["default"].detach().clone() for name in ("sae_b_dec", "sae_W_enc")}
     with model.capture():
         model(x + 5)
-    assert torch.equal(down.sae_b_dec["default"], before)  # only the first batch
+    for name, value in before.items():
+        assert torch.equal(getattr(down, name)["default"], value)  # only the first batch
 
 
 def test_targets_by_name_suffix_and_regex():

@@ -262,6 +262,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             mean, count = sae.mean_and_count(target, group)
             if count > 0:
                 self.sae_b_dec[adapter].data.copy_(mean)
+                if not self.sae_spec[adapter].transcode:
+                    self._fit_encoder_scale(adapter, x, group)
                 self.sae_needs_init[adapter] = False
         output = self._losses(adapter, x, target, group)
         output.kept = keep
@@ -270,6 +272,13 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         self.sae_output = output
         if session is not None:
             session.record(self.module_path, output)
+
+    @torch.no_grad()
+    def _fit_encoder_scale(self, adapter: str, x: Tensor, group: dist.ProcessGroup | None) -> None:
+        """Scale the fresh encoder so that the first batch's reconstruction is least-squares optimal."""
+        b_dec = self.sae_b_dec[adapter]
+        x_hat = self._reconstruct(adapter, x)
+        self.sae_W_enc[adapter].mul_(sae.least_squares_scale(x - b_dec, x_hat - b_dec, group))
 
     def _losses(self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]

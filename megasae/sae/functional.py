@@ -108,6 +108,19 @@ def mean_and_count(rows: Tensor, group: dist.ProcessGroup | None = None) -> tupl
 
 
 @torch.no_grad()
+def least_squares_scale(target: Tensor, prediction: Tensor, group: dist.ProcessGroup | None = None) -> float:
+    """argmin_s sum ||target - s prediction||^2 over the tokens of all ranks of `group` (1 if prediction is 0).
+
+    The encoder initialisation uses it: with b_enc = 0, scaling W_enc by s picks the same top-k latents
+    with values times s, so a fresh encoder scaled this way starts at the best reconstruction along its
+    own direction instead of overshooting (tied unit rows give s of about 0.7 on LLM residual streams).
+    """
+    stats = torch.stack([(target.float() * prediction.float()).sum(), prediction.float().pow(2).sum()])
+    _sum_over_ranks(stats, group)
+    return float(stats[0] / stats[1]) if stats[1] > 0 else 1.0
+
+
+@torch.no_grad()
 def total_variance(target: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """sum((x - mean_tokens(x))^2) in fp32 over the tokens of all ranks: the denominator of FVU and AuxK.
 
