@@ -16,7 +16,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megasae.data import build_batches, open_source
 from megasae.eval.held_out import HeldOutEval
-from megasae.models import load_host_model
+from megasae.models import compile_blocks, load_host_model
 from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
 from megasae.parallel.adapter import full_state_dict, save_adapter, shard_saes, sharded_parameters
 from megasae.parallel.distributed import clip_grad_norm_
@@ -119,6 +119,8 @@ class Trainer:
         ))
         shard_saes(self.model, self.par.tp_group)  # the same init as one process, each TP rank keeping its latents
         self.model.train()
+        if cfg.compile:
+            compile_blocks(self.model)
         self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         lr = cfg.learning_rate(max(self.num_latents.values()))
