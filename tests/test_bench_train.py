@@ -52,6 +52,16 @@ def test_bench_train_megasae_alone(host_dir, tmp_path, capsys):
     assert any(name.startswith("host forward to") for name in rows)
     assert result["settings"]["num_latents"] == 128 and result["targets"] == {}
     assert "megasae train step" in capsys.readouterr().out
+    assert result["settings"]["megasae_compile"] is False
+
+
+def test_bench_train_compiled_host_trains_the_same_sae(host_dir, tmp_path):
+    eager = bench(host_dir, tmp_path / "eager.json", "--skip-sparsify")
+    compiled = bench(host_dir, tmp_path / "compiled.json", "--skip-sparsify", "--compile")
+    assert compiled["settings"]["megasae_compile"] is True
+    fvus = [next(r for r in result["rows"] if r["name"] == "megasae train step")["heldout_masked"]["fvu"]
+            for result in (eager, compiled)]
+    assert fvus[1] == pytest.approx(fvus[0], rel=1e-3)
 
 
 @pytest.mark.skipif(SPARSIFY_PYTHON is None, reason="no .venv-sparsify with eai-sparsify")
