@@ -65,7 +65,8 @@ def init_weights(
     """Decoder rows are random unit vectors and the encoder starts as their copy (sparsify, OpenAI).
 
     A transcoder whose input and output widths differ gets its own random unit encoder rows.
-    Biases start at zero; b_dec is set from the first batch by `mean_and_count`.
+    Biases start at zero. On the first batch the SAE layer sets b_dec to its mean (`mean_and_count`)
+    and scales an autoencoder's W_enc by `least_squares_scale`.
     """
 
     def unit_rows(width: int) -> Tensor:
