@@ -1,4 +1,12 @@
-"""Process groups from the torchrun environment, and the collectives the data-parallel trainer needs."""
+"""Process groups from the torchrun environment, and the collectives the data-parallel trainer needs.
+
+Ranks are laid out Megatron's way: tensor parallel innermost, then data parallel, then pipeline,
+
+    rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank,
+
+so the ranks of one TP group are neighbours (one node, the fastest links) and a pipeline stage is a
+contiguous block of ranks.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +19,69 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelState:
-    """Where this process stands. A single process has world_size 1 and no group."""
+    """Where this process stands. A single process has world_size 1 and no groups."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     dp_group: dist.ProcessGroup | None = None
+    tp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    world_group: dist.ProcessGroup | None = None
+    tp_size: int = 1
+    pp_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // (self.tp_size * self.pp_size)
 
-def init_distributed(device: str = "auto") -> ParallelState:
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp_size * self.dp_size)
+
+
+def check_parallel_sizes(world_size: int, tp: int, pp: int) -> None:
+    """One clear sentence when the world cannot be cut into tp x pp x dp."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp ({tp}) and --pp ({pp}) must be at least 1.")
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"World size {world_size} is not tp x pp x dp for --tp {tp} --pp {pp}: launch a multiple of "
+            f"{tp * pp} ranks (e.g. torchrun --nproc-per-node {tp * pp})."
+        )
+
+
+def _new_groups(world_size: int, tp: int, pp: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """The rank lists of every TP, DP and PP group, in the rank layout of the module docstring."""
+    dp = world_size // (tp * pp)
+    rank = lambda p, d, t: (p * dp + d) * tp + t
+    tp_groups = [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
+    dp_groups = [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    pp_groups = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    return tp_groups, dp_groups, pp_groups
+
+
+def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1) -> ParallelState:
     """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU); otherwise a single process.
 
-    Every rank is a data-parallel replica for now; tensor and pipeline groups come with the
-    Megatron-style host sharding.
+    Every rank builds every group (torch.distributed requires it) and keeps the three it belongs to.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_parallel_sizes(world_size, tp, pp)
     if world_size == 1:
         return ParallelState(device=torch.device(device))
     rank = int(os.environ["RANK"])
@@ -43,7 +93,19 @@ def init_distributed(device: str = "auto") -> ParallelState:
         torch_device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return ParallelState(rank=rank, world_size=world_size, device=torch_device, dp_group=dist.group.WORLD)
+    mine: dict[str, dist.ProcessGroup | None] = {}
+    for kind, rank_lists in zip(("tp", "dp", "pp"), _new_groups(world_size, tp, pp)):
+        for ranks in rank_lists:
+            if len(ranks) == 1:  # alone: no group, no collective
+                group = None
+            else:
+                group = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
+            if rank in ranks:
+                mine[kind] = group
+    return ParallelState(
+        rank=rank, world_size=world_size, device=torch_device, dp_group=mine["dp"], tp_group=mine["tp"],
+        pp_group=mine["pp"], world_group=dist.group.WORLD, tp_size=tp, pp_size=pp,
+    )
 
 
 def sum_gradients(params: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
@@ -75,3 +137,21 @@ def sum_over_ranks(values: list[float], group: dist.ProcessGroup | None, device:
 def barrier(group: dist.ProcessGroup | None) -> None:
     if group is not None:
         dist.barrier(group=group)
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, sharded: set[int],
+                    tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole model when the parameters whose id() is in `sharded`
+    are split over `tp_group` (their squares summed over its ranks) and the rest are replicated (counted once)."""
+    if tp_group is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    split = [p.grad for p in params if p.grad is not None and id(p) in sharded]
+    square = torch.stack([g.float().pow(2).sum() for g in split]).sum()
+    dist.all_reduce(square, group=tp_group)
+    replicated = [p.grad.float().pow(2).sum() for p in params if p.grad is not None and id(p) not in sharded]
+    total = (square + sum(replicated)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total
