@@ -140,6 +140,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         self.sae_mode: SaeMode = "auto"
         self.sae_output: sae.SaeOutput | None = None
         self.capture_session: CaptureSession | None = None
+        # Set by megasae.parallel.shard_saes: this rank then holds one block of latents of the group's.
+        self.latent_group: dist.ProcessGroup | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -175,7 +177,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def num_latents(self, adapter_name: str) -> int:
-        return self.sae_W_enc[adapter_name].shape[0]
+        """All of the SAE's latents, also when this rank holds only a block of them (the counters cover all)."""
+        return self.sae_tokens_since_fired[adapter_name].numel()
 
     def enable_adapters(self, enabled: bool) -> None:
         # peft's re-enable makes every active adapter trainable, frozen ones too (peft issue #3447):
@@ -237,14 +240,15 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
         rows = sae_in.flatten(0, -2).to(self.sae_W_enc[adapter].dtype)
         values, indices = self._encode(adapter, rows)
-        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter])
+        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter], self.latent_group)
         return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
 
     def _encode(self, adapter: str, rows: Tensor, dead_mask: Tensor | None = None, k: int | None = None):
         spec = self.sae_spec[adapter]
         pre_bias = None if spec.transcode else self.sae_b_dec[adapter]
         return sae.encode(
-            rows, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias, k or spec.k, dead_mask
+            rows, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias, k or spec.k, dead_mask,
+            self.latent_group,
         )
 
     def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> None:
@@ -283,7 +287,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _losses(self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]
         values, indices = self._encode(adapter, x)
-        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter])
+        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter], self.latent_group)
         total_var = sae.total_variance(target, group)
         fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
         dead_mask = self.sae_tokens_since_fired[adapter] >= spec.dead_tokens_threshold
@@ -292,7 +296,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             pre_bias = None if spec.transcode else self.sae_b_dec[adapter]
             auxk = sae.auxk_loss(
                 x, target - x_hat, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias,
-                self.sae_W_dec[adapter], dead_mask, spec.k_aux, total_var,
+                self.sae_W_dec[adapter], dead_mask, spec.k_aux, total_var, self.latent_group,
             )
         return sae.SaeOutput(
             x=x, target=target, x_hat=x_hat, values=values, indices=indices, fvu=fvu, auxk=auxk,

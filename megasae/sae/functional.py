@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megasae import ops
+from megasae.parallel import latents
 
 
 @dataclass
@@ -83,13 +84,22 @@ def init_weights(
     }
 
 
-def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, dead_mask: Tensor | None = None):
-    """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k]."""
+def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, dead_mask: Tensor | None = None,
+           latent_group: dist.ProcessGroup | None = None):
+    """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k].
+
+    With a latent group, W_enc and b_enc are this rank's block of latents (megasae.parallel.latents).
+    """
+    if latent_group is not None:
+        return latents.topk_encode(x, W_enc, b_enc, b_dec, k, latent_group, dead_mask)
     return ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
 
 
-def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None,
+           latent_group: dist.ProcessGroup | None = None) -> Tensor:
     """W_dec^T z + b_dec for the sparse codes z given as (values, indices)."""
+    if latent_group is not None:
+        return latents.sparse_decode(indices, values, W_dec, b_dec, latent_group)
     return ops.sparse_decode(indices, values, W_dec, b_dec)
 
 
@@ -148,6 +158,7 @@ def auxk_loss(
     dead_mask: Tensor,
     k_aux: int,
     total_var: Tensor,
+    latent_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """AuxK (Gao et al. 2024): the dead latents alone try to explain the detached residual.
 
@@ -159,8 +170,8 @@ def auxk_loss(
     num_dead = int(dead_mask.sum())
     if num_dead == 0 or x.shape[0] == 0:
         return x.new_zeros((), dtype=torch.float32)
-    values, indices = encode(x, W_enc, b_enc, encoder_pre_bias, min(k_aux, num_dead), dead_mask)
-    residual_hat = decode(values, indices, W_dec, None)
+    values, indices = encode(x, W_enc, b_enc, encoder_pre_bias, min(k_aux, num_dead), dead_mask, latent_group)
+    residual_hat = decode(values, indices, W_dec, None, latent_group)
     scale = min(num_dead / k_aux, 1.0)
     return scale * fraction_of_variance_unexplained(residual.detach(), residual_hat, total_var)
 
