@@ -59,6 +59,11 @@ def load_host_model(
     ``path`` is a Hugging Face model directory, a ``.gguf`` file, or None for the built-in
     SmolLM2-135M-Instruct. Image-text models return their processor when the directory has one.
     """
+    return _load_hf_dir(hf_model_dir(path), dtype, torch.device(device))
+
+
+def hf_model_dir(path: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory a host path names: itself, a GGUF file's converted copy, or the built-in."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -75,7 +80,7 @@ def load_host_model(
             f"Directory {path} is not a Hugging Face model (no config.json); "
             "pass a model directory or a .gguf file."
         )
-    return _load_hf_dir(path, dtype, torch.device(device))
+    return path
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, device: torch.device):
@@ -87,15 +92,20 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: torch.device):
     # megasae never generates: a KV cache would cost every forward time and memory for nothing.
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False
-    if image_text and any((path / name).is_file() for name in _PROCESSOR_FILES):
-        return model, AutoProcessor.from_pretrained(path)
+    return model, load_processor(path, config)
+
+
+def load_processor(path: Path, config):
+    """The host's processor (image-text models whose directory has one) or tokenizer."""
+    if _is_image_text(config) and any((path / name).is_file() for name in _PROCESSOR_FILES):
+        return AutoProcessor.from_pretrained(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"Model directory {path} has no loadable tokenizer ({err}); save one beside the model."
         ) from err
-    return model, tokenizer
+    return tokenizer
 
 
 def _is_image_text(config) -> bool:

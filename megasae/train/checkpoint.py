@@ -59,11 +59,10 @@ def save_checkpoint(
     if par.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing
         tmp.mkdir(parents=True)
-    barrier(par.dp_group)
-    if par.is_main:
-        save_adapter(tmp)
+    barrier(par.world_group)
+    save_adapter(tmp)  # every rank: latent-parallel SAEs gather their shards; rank 0 writes
     torch.save(trainer_state, tmp / f"trainer-rank{par.rank}.pt")
-    barrier(par.dp_group)
+    barrier(par.world_group)
     if par.is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -71,7 +70,7 @@ def save_checkpoint(
         for old in root.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier(par.dp_group)
+    barrier(par.world_group)
     return final
 
 

@@ -87,6 +87,9 @@ class TrainConfig:
     """Seed of the SAE init and the data order."""
     zero1: bool = False
     """Shard the Adam state over data-parallel ranks (ZeRO-1)."""
+    tp: int = 1
+    """Tensor-parallel size: the host's layers and each SAE's latents split over this many ranks (Megatron
+    style); the world size must be a multiple of it, the rest being data parallel."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the host and SAEs run; auto picks CUDA when available."""
     config: Path | None = None

@@ -1,0 +1,103 @@
+"""Load a host tensor-parallel from safetensors: each rank reads only its slices, up to the last target layer.
+
+The model is built on the meta device with only the decoder layers up to the last target (buffers such
+as rotary frequencies are real), its planned modules are replaced by their tensor-parallel forms, and
+every remaining parameter is read from the checkpoint as exactly the slice this rank holds
+(`safe_open(...).get_slice(name)[rows]`): no rank ever holds a full weight it does not keep. The LM
+head stays on the meta device, unread: training stops the forward after the last target.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from megasae.models.loading import _attn_implementation, _is_image_text, hf_model_dir, load_processor
+from megasae.parallel.distributed import ParallelState
+from megasae.parallel.plans import target_layer
+from megasae.parallel.shard import Slice, shard_model
+
+# Checkpoints written before transformers 5 name Qwen2.5-VL's modules as the model did then:
+# (pattern of today's name, its old spelling) tried when the checkpoint lacks today's name.
+LEGACY_NAMES = {
+    "qwen2_5_vl": ((r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")),
+}
+UNREAD = ("lm_head.",)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json.")
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _checkpoint_name(name: str, files: dict[str, Path], model_type: str) -> str:
+    if name in files:
+        return name
+    for pattern, old in LEGACY_NAMES.get(model_type, ()):
+        legacy = re.sub(pattern, old, name)
+        if legacy in files:
+            return legacy
+    raise KeyError(f"The checkpoint has no tensor for parameter {name!r}.")
+
+
+def _read(file: Path, name: str, piece: Slice | None) -> torch.Tensor:
+    with safe_open(file, "pt") as f:
+        sliced = f.get_slice(name)
+        if piece is None:
+            return sliced[:]
+        rows = slice(piece.start, piece.stop)
+        return sliced[rows] if piece.dim == 0 else sliced[:, rows]
+
+
+def load_sharded_host(path: str | Path, target_modules: list[str], group: dist.ProcessGroup | None, rank: int,
+                      tp: int, *, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> nn.Module:
+    """The host of `path` truncated after the last target's decoder layer, holding this TP rank's slices."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config()
+    last = max(target_layer(name) for name in target_modules)
+    if last >= text.num_hidden_layers:
+        raise ValueError(f"Target layer {last} does not exist: {path} has {text.num_hidden_layers} decoder layers.")
+    text.num_hidden_layers = last + 1  # later layers are never built
+    config.use_cache = text.use_cache = False  # as load_host_model: megasae never generates
+    auto_cls = AutoModelForImageTextToText if _is_image_text(config) else AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=_attn_implementation(torch.device(device)))
+    split = shard_model(model, group, rank, tp)
+    files = _weight_files(path)
+    for name, param in list(model.named_parameters()):
+        if name.startswith(UNREAD):
+            continue
+        source = _checkpoint_name(name, files, config.model_type)
+        tensor = _read(files[source], source, split.get(name)).to(device=device, dtype=dtype)
+        module_name, _, param_name = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+    for name, buffer in list(model.named_buffers()):  # built real (rotary frequencies), on the CPU
+        module_name, _, buffer_name = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[buffer_name] = buffer.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_host_tensor_parallel(path: str | Path | None, target_modules: list[str], par: ParallelState, *,
+                              dtype: torch.dtype = torch.float32):
+    """`megasae.models.load_host_model` for a TP rank: (this rank's truncated, sharded host, processor)."""
+    model_dir = hf_model_dir(path)
+    model = load_sharded_host(model_dir, target_modules, par.tp_group, par.tp_rank, par.tp_size, dtype=dtype,
+                              device=par.device)
+    return model, load_processor(model_dir, model.config)
