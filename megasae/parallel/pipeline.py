@@ -1,0 +1,130 @@
+"""Forward-only pipeline parallelism over a host's decoder layers.
+
+Stage s of P owns decoder layers `stage_layers(last_target + 1, P)[s]`; the other stages' layers are
+dropped from its rank. Stage 0 runs the host's own forward (embeddings, vision tower, attention mask,
+rotary and multimodal-rope positions) through its layers; each stage then hands the next one the hidden
+state together with every keyword argument the host passes to a decoder layer, so the next stage calls
+its own layers exactly as the host would. The host is frozen and runs forward only: a stream of
+micro-batches needs no schedule, each stage sending as soon as it has computed (bubble (P-1)/(m+P-1)).
+
+An SAE lives on the stage that owns its target: attach SAEs to `stage_targets(...)` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from megasae.parallel.distributed import ParallelState
+from megasae.parallel.plans import DECODER_LAYERS, plan_for, stage_layers, target_layer
+from megasae.peft.layer import StopForward
+
+
+class _StageDone(Exception):
+    """Raised after stage 0's last layer: the rest of the host's forward belongs to later stages."""
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor goes in the structure sent ahead of the tensors themselves."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def stage_targets(target_modules: list[str], last_layer: int, par: ParallelState) -> list[str]:
+    """The targets inside this rank's stage (the SAEs it trains)."""
+    mine = stage_layers(last_layer + 1, par.pp_size)[par.pp_rank]
+    return [name for name in target_modules if target_layer(name) in mine]
+
+
+def _hidden(output) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class PipelineStage:
+    """This rank's stage of a host whose decoder layers are split over the pipeline group."""
+
+    def __init__(self, host: nn.Module, par: ParallelState, last_layer: int):
+        plan_for(host.config)  # a clear error for unsupported architectures
+        self.host = host
+        self.layers: nn.ModuleList = host.get_submodule(DECODER_LAYERS[host.config.model_type])
+        self.mine = stage_layers(last_layer + 1, par.pp_size)[par.pp_rank]
+        self.index, self.count = par.pp_rank, par.pp_size
+        self.device = par.device
+        stride = par.world_size // par.pp_size  # pipeline is the outermost dimension of the rank layout
+        self.prev, self.next = par.rank - stride, par.rank + stride
+        for i in range(len(self.layers)):
+            if i not in self.mine:
+                self.layers[i] = nn.Identity()  # frees the other stages' weights
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+    def forward(self, model: nn.Module, **inputs) -> Tensor | None:
+        """Run one micro-batch through this stage's layers; returns the hidden state after them, or None
+        when an SAE session stopped the forward after the last target. `model` is the host or the PEFT
+        model around it; every rank of the pipeline gets the same inputs."""
+        if self.index == 0:
+            return self._first(model, inputs)
+        hidden, kwargs = self._receive()
+        try:
+            for i in self.mine:
+                hidden = _hidden(self.layers[i](hidden, **kwargs))
+        except StopForward:
+            return None
+        if not self.is_last:
+            self._send(hidden, kwargs)
+        return hidden
+
+    def _first(self, model: nn.Module, inputs: dict) -> Tensor:
+        layer_kwargs, result = {}, []
+
+        def keep_kwargs(module, args, kwargs):
+            layer_kwargs.update(kwargs)
+
+        def hand_over(module, args, output):
+            result.append(_hidden(output))
+            self._send(result[0], layer_kwargs)
+            raise _StageDone
+
+        first = self.layers[self.mine.start].register_forward_pre_hook(keep_kwargs, with_kwargs=True)
+        last = self.layers[self.mine.stop - 1].register_forward_hook(hand_over)
+        try:
+            model(**inputs, use_cache=False)
+        except _StageDone:
+            return result[0]
+        finally:
+            first.remove()
+            last.remove()
+        raise RuntimeError(
+            "Pipeline stage 0 stopped before its last layer, so later stages would wait forever: capture with "
+            "stop_after_targets=False (each stage stops after its own layers)."
+        )
+
+    # -- point to point ----------------------------------------------------------------------------
+
+    def _send(self, hidden: Tensor, kwargs: dict) -> None:
+        leaves, spec = tree_flatten((hidden, kwargs))
+        tensors = [leaf.contiguous() for leaf in leaves if isinstance(leaf, Tensor)]
+        header = [_Slot(tuple(leaf.shape), leaf.dtype) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        dist.send_object_list([header, treespec_dumps(spec)], dst=self.next, device=self.device)
+        for tensor in tensors:
+            dist.send(tensor, dst=self.next)
+
+    def _receive(self) -> tuple[Tensor, dict]:
+        holder = [None, None]
+        dist.recv_object_list(holder, src=self.prev, device=self.device)
+        header, spec = holder[0], treespec_loads(holder[1])
+        leaves = []
+        for leaf in header:
+            if isinstance(leaf, _Slot):
+                leaf = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.device)
+                dist.recv(leaf, src=self.prev)
+            leaves.append(leaf)
+        return tree_unflatten(leaves, spec)

@@ -1,0 +1,91 @@
+"""Forward-only pipeline: two stages (and two stages of two TP ranks) give the single-process hidden states
+after each stage's last layer, and an SAE on the stage owning its target gives the single-process SAE
+(fp32; rtol 1e-5, atol 1e-5)."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megasae import TopKSaeConfig, get_peft_sae_model
+from megasae.parallel import init_distributed, shard_model
+from megasae.parallel.pipeline import PipelineStage, stage_targets
+
+from data_fixtures import tiny_qwen25vl_processor
+from distributed import run_ranks
+from parallel_hosts import SMALL, hidden_after, image_chat_inputs, tiny_qwen25vl
+
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+TARGETS = ["model.layers.1", "model.layers.3"]
+
+
+def four_layer_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, num_key_value_heads=2, **dict(SMALL, num_hidden_layers=4)))
+
+
+def padded_ids():
+    ids = torch.randint(0, 96, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _sae(host, targets):
+    torch.manual_seed(0)
+    return get_peft_sae_model(host, TopKSaeConfig(k=4, num_latents=128, target_modules=targets)).train()
+
+
+def _hidden_rank(rank, world_size, model, inputs, expected, tp, last_layer):
+    par = init_distributed("cpu", tp=tp, pp=2)
+    shard_model(model, par.tp_group, par.tp_rank, par.tp_size)
+    stage = PipelineStage(model, par, last_layer)
+    torch.testing.assert_close(stage.forward(model, **inputs), expected[par.pp_rank], **TOLERANCE)
+
+
+def test_pp2_llama_threads_masks_and_rotary_positions():
+    model, inputs = four_layer_llama(), padded_ids()
+    expected = [hidden_after(model, 1, inputs), hidden_after(model, 3, inputs)]
+    run_ranks(_hidden_rank, 2, model, inputs, expected, 1, 3)
+
+
+def test_tp2_pp2_llama_on_four_ranks():
+    model, inputs = four_layer_llama(), padded_ids()
+    expected = [hidden_after(model, 1, inputs), hidden_after(model, 3, inputs)]
+    run_ranks(_hidden_rank, 4, model, inputs, expected, 2, 3)
+
+
+def test_pp2_qwen25vl_threads_multimodal_rope_positions():
+    processor = tiny_qwen25vl_processor()
+    model, inputs = tiny_qwen25vl(processor), image_chat_inputs(processor)
+    expected = [hidden_after(model, 0, inputs), hidden_after(model, 1, inputs)]
+    run_ranks(_hidden_rank, 2, model, inputs, expected, 1, 1)
+
+
+def _sae_rank(rank, world_size, host, inputs, expected):
+    par = init_distributed("cpu", pp=2)
+    stage = PipelineStage(host, par, last_layer=3)
+    [target] = stage_targets(TARGETS, 3, par)
+    assert target == TARGETS[par.pp_rank]
+    model = _sae(host, [target])
+    # The one-process reference drew both SAEs from one seed; give this stage's SAE the same weights.
+    layer = model.get_base_model().get_submodule(target)
+    for name, tensor in expected[target]["weights"].items():
+        getattr(layer, name)["default"].data.copy_(tensor)
+    with model.capture(token_mask=inputs["attention_mask"].bool()) as outputs:
+        stage.forward(model, **inputs)
+    torch.testing.assert_close(outputs[target].x_hat, expected[target]["x_hat"], **TOLERANCE)
+    torch.testing.assert_close(outputs[target].fvu, expected[target]["fvu"], **TOLERANCE)
+
+
+def test_pp2_sae_lives_on_the_stage_that_owns_its_target():
+    host, inputs = four_layer_llama(), padded_ids()
+    reference = _sae(four_layer_llama(), TARGETS)
+    with reference.capture(token_mask=inputs["attention_mask"].bool()) as outputs:
+        reference(**inputs)
+    expected = {}
+    for target in TARGETS:
+        layer = reference.get_base_model().get_submodule(target)
+        weights = {name: getattr(layer, name)["default"].detach().clone()
+                   for name in ("sae_W_enc", "sae_b_enc", "sae_W_dec")}
+        expected[target] = {"weights": weights, "x_hat": outputs[target].x_hat.detach(),
+                            "fvu": outputs[target].fvu.detach()}
+    run_ranks(_sae_rank, 2, host, inputs, expected)
