@@ -14,6 +14,8 @@ from PIL import Image
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.eval import EvalConfig, InspectConfig, evaluate, run_inspect
 from megasae.eval.images import image_runs, unpatchify_qwen
+from megasae.eval.plots import density_png, l0_png
+from megasae.eval.report import report_markdown
 from megasae.models import load_host_model
 
 TARGET = "model.language_model.layers.1"
@@ -78,3 +80,16 @@ def test_inspect_overlays_the_activating_patches_on_the_image(qwen25vl_dir, vl_a
         colors = np.asarray(heatmap.convert("RGB")).reshape(-1, 3)
     assert (colors[:, 0] > colors[:, 2] + 80).any()  # a red-tinted patch
     assert "[image]" in page
+
+
+def test_image_tokens_only_leave_the_text_column_empty(qwen25vl_dir, vl_adapter, chat_data):
+    cfg = EvalConfig(adapter=vl_adapter, model=str(qwen25vl_dir), data=str(chat_data), max_tokens=10**6,
+                     batch_size=4, ctx_len=64, device="cpu", outlier_factor=None, tokens="image")
+    result = evaluate(cfg)
+    groups = result["targets"][TARGET]["groups"]
+    assert groups["text"]["tokens"] == 0 and groups["text"]["fvu"] is None
+    assert groups["image"]["tokens"] == groups["all"]["tokens"] == 4 * 12
+    report = report_markdown(result)
+    assert "| tokens read | 48 | 0 | 48 |" in report and "| FVU | " in report and " – |" in report
+    for plot in (density_png, l0_png):  # an empty group is left out of the plots
+        assert plot(result).startswith(b"\x89PNG")

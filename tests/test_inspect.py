@@ -106,3 +106,13 @@ def test_page_renders_in_headless_chromium(host_dir, adapter, words_data, tmp_pa
     assert len(np.unique(pixels, axis=0)) > 50  # text and shading, not a blank page
     # The highlight colour (255, 90, 0) at some alpha over white: orange pixels are there.
     assert ((pixels[:, 0] > 240) & (pixels[:, 2] < 200) & (pixels[:, 1] > pixels[:, 2])).sum() > 100
+
+
+def test_an_adapter_with_several_targets_needs_target(host_dir, words_data, tmp_path):
+    adapter = save_adapter(host_dir, tmp_path / "two", targets=("model.layers.0", TARGET))
+    with pytest.raises(ValueError, match=r"has SAEs on \['model.layers.0', 'model.layers.1'\]; choose one with --target"):
+        run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), latents="1",
+                                  output_dir=tmp_path, **SETTINGS))
+    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), latents="1",
+                                     target="model.layers.0", output_dir=tmp_path, **SETTINGS)).read_text()
+    assert "<h1>Top-activating contexts: <code>model.layers.0</code></h1>" in page
