@@ -45,6 +45,13 @@ def inspect_command(args: list[str]) -> None:
     print(f"wrote {run_inspect(tyro.cli(InspectConfig, args=args, prog='megasae inspect'))}")
 
 
+def plan_command(args: list[str]) -> None:
+    """Per-rank memory of a tensor/pipeline-parallel run, from the host's config.json alone."""
+    from megasae.plan import main
+
+    main(args)
+
+
 def bench_command(args: list[str]) -> None:
     """Benchmarks: `megasae bench <name> --help` (kernels, train)."""
     from megasae.bench import BENCHMARKS
@@ -55,7 +62,8 @@ def bench_command(args: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": train_command, "eval": eval_command, "inspect": inspect_command, "bench": bench_command,
+    "train": train_command, "eval": eval_command, "inspect": inspect_command, "plan": plan_command,
+    "bench": bench_command,
 }
 
 

@@ -1,0 +1,174 @@
+"""`megasae plan`: per-rank memory of a tensor/pipeline-parallel run, from the host's config.json alone.
+
+Per pipeline stage (every TP rank of a stage holds the same amount):
+- host weights: the stage's decoder layers (q/o and MLP split over tp; k/v split, or one KV head per
+  rank when kv_heads < tp; norms replicated); stage 0 adds the vocab-parallel embedding and the
+  replicated vision tower. Layers after the last target, the final norm and the LM head are not loaded.
+- host activations: the tensors alive at once inside one decoder layer with a fused attention kernel
+  (no L x L scores): N (3 d + 2 (q_local + kv_local) head_dim + 3 I / tp) elements, N = micro-batch x ctx-len.
+- SAE weights (fp32): each target's W_enc, W_dec (M/tp x d), b_enc (M/tp), b_dec (d), plus its int64
+  dead-latent counters (M); gradients the same less the counters; Adam two states per weight.
+- SAE activations (fp32): x, x_hat, residual and their gradient (4 N d) plus the gathered top-k
+  candidates of the main and AuxK encoders (12 bytes each: value and index, N tp (k + k_aux)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+from transformers import AutoConfig, PretrainedConfig
+
+from megasae.parallel.plans import Layout, stage_layers, target_layer
+
+GiB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass
+class PlanConfig:
+    """Per-rank GPU memory of `megasae train --tp T --pp P` on a host, read from its config.json only."""
+
+    model: Path
+    """A Hugging Face model directory (or its config.json)."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    target_modules: tuple[str, ...] = ("model.layers.15",)
+    """Target modules (inside decoder layers)."""
+    num_latents: int = 0
+    """Latents per SAE; 0 means expansion_factor x the hidden size."""
+    expansion_factor: int = 8
+    """Latents per hidden dimension when num_latents is 0."""
+    k: int = 32
+    """Latents kept per token."""
+    micro_batch_size: int = 8
+    """Sequences per forward on each rank."""
+    ctx_len: int = 256
+    """Tokens per sequence."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """The host's dtype."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GiB; stages that need more are flagged."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: int
+    layers: range
+    targets: tuple[str, ...]
+    host_weights: int
+    host_activations: int
+    sae_weights: int
+    sae_grads: int
+    optimizer: int
+    sae_activations: int
+
+    @property
+    def total(self) -> int:
+        return (self.host_weights + self.host_activations + self.sae_weights + self.sae_grads + self.optimizer
+                + self.sae_activations)
+
+
+def decoder_layer_params(text: PretrainedConfig, layout: Layout) -> int:
+    """Parameters of one decoder layer on one TP rank."""
+    d, hd = text.hidden_size, layout.head_dim
+    q, kv = layout.local_q_heads * hd, layout.local_kv_heads * hd
+    if text.model_type == "llama":
+        qkv_bias = o_bias = text.attention_bias
+    else:  # Qwen2 and the Qwen2.5-VL text model: q/k/v carry biases, o_proj does not
+        qkv_bias, o_bias = True, False
+    mlp = 3 * d * layout.intermediate_size // layout.tp
+    return d * (q + 2 * kv) + qkv_bias * (q + 2 * kv) + q * d + o_bias * d + mlp + 2 * d
+
+
+def vision_params(vision: PretrainedConfig | None) -> int:
+    """Parameters of a Qwen2.5-VL vision tower (replicated): patch embedding, blocks, patch merger."""
+    if vision is None:
+        return 0
+    h, inner = vision.hidden_size, vision.intermediate_size
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * h
+    block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (2 * (h * inner + inner) + inner * h + h)
+    merged = h * vision.spatial_merge_size**2
+    merger = h + (merged * merged + merged) + (merged * vision.out_hidden_size + vision.out_hidden_size)
+    return patch + vision.depth * block + merger
+
+
+def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
+    text = config.get_text_config()
+    layout = Layout.from_config(config, cfg.tp)
+    layout.check(config.model_type)
+    by_layer: dict[int, list[str]] = {}
+    for name in cfg.target_modules:
+        by_layer.setdefault(target_layer(name), []).append(name)
+    last = max(by_layer)
+    if last >= text.num_hidden_layers:
+        raise ValueError(f"Target layer {last} does not exist: the host has {text.num_hidden_layers} decoder layers.")
+    d, host_bytes = text.hidden_size, BYTES[cfg.dtype]
+    tokens = cfg.micro_batch_size * cfg.ctx_len
+    num_latents = cfg.num_latents or cfg.expansion_factor * d
+    if num_latents % cfg.tp:
+        raise ValueError(f"{num_latents} latents cannot be split over --tp {cfg.tp}; choose a multiple of {cfg.tp}.")
+    sae_params = 2 * num_latents // cfg.tp * d + num_latents // cfg.tp + d
+    local_heads = layout.local_q_heads + layout.local_kv_heads
+    activations = tokens * (3 * d + 2 * local_heads * layout.head_dim + 3 * layout.intermediate_size // cfg.tp)
+    sae_activations = tokens * (16 * d + 12 * cfg.tp * (cfg.k + max(d // 2, 1)))
+    stages = []
+    for stage, layers in enumerate(stage_layers(last + 1, cfg.pp)):
+        params = len(layers) * decoder_layer_params(text, layout)
+        if stage == 0:
+            vocab_start, vocab_stop = layout.vocab_rows(0)
+            params += (vocab_stop - vocab_start) * d + vision_params(getattr(config, "vision_config", None))
+        targets = tuple(name for i in layers for name in by_layer.get(i, []))
+        n = len(targets)
+        stages.append(StageMemory(
+            stage, layers, targets, params * host_bytes, activations * host_bytes,
+            n * (4 * sae_params + 8 * num_latents), n * 4 * sae_params, n * 8 * sae_params,
+            n * sae_activations,
+        ))
+    return stages
+
+
+def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory]) -> str:
+    text = config.get_text_config()
+    num_latents = cfg.num_latents or cfg.expansion_factor * text.hidden_size
+    gib = lambda b: f"{b / GiB:.2f}"
+    lines = [
+        f"{config.model_type}: {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+        f"{text.num_attention_heads} query / {text.num_key_value_heads} KV heads, MLP {text.intermediate_size}, "
+        f"vocab {text.vocab_size}; {cfg.dtype} host",
+        f"tp {cfg.tp} x pp {cfg.pp}: {cfg.tp * cfg.pp} GPUs per data-parallel replica; SAE {num_latents} latents "
+        f"(k {cfg.k}), {num_latents // cfg.tp} per rank; micro-batch {cfg.micro_batch_size} x {cfg.ctx_len} tokens",
+        "",
+        "GiB per rank  layers   host weights  host act.  SAE weights  SAE grads  Adam state  SAE act.  total"
+        f"  fits {cfg.gpu_memory_gb:g} GiB",
+    ]
+    for s in stages:
+        fits = s.total <= cfg.gpu_memory_gb * GiB
+        lines.append(
+            f"stage {s.stage:<6} {s.layers.start:>2}-{s.layers.stop - 1:<4} {gib(s.host_weights):>12} "
+            f"{gib(s.host_activations):>10} {gib(s.sae_weights):>12} {gib(s.sae_grads):>10} {gib(s.optimizer):>11} "
+            f"{gib(s.sae_activations):>9} {gib(s.total):>6}  {'yes' if fits else 'NO'}"
+        )
+    lines.append("")
+    for s in stages:
+        if s.targets:
+            lines.append(f"stage {s.stage} trains the SAEs on {', '.join(s.targets)}")
+        if s.total > cfg.gpu_memory_gb * GiB:
+            lines.append(
+                f"stage {s.stage} needs {gib(s.total)} GiB, more than {cfg.gpu_memory_gb:g} GiB: raise --tp or --pp, "
+                "or lower --micro-batch-size or --num-latents."
+            )
+    return "\n".join(lines)
+
+
+def main(args: list[str]) -> None:
+    cfg = tyro.cli(PlanConfig, args=args, prog="megasae plan")
+    path = cfg.model.parent if cfg.model.name == "config.json" else cfg.model
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"megasae plan: {path} has no config.json; pass a Hugging Face model directory.")
+    config = AutoConfig.from_pretrained(path)
+    print(render(cfg, config, estimate(cfg, config)))
