@@ -53,7 +53,7 @@ def plan_command(args: list[str]) -> None:
 
 
 def bench_command(args: list[str]) -> None:
-    """Benchmarks: `megasae bench <name> --help` (kernels, train)."""
+    """Benchmarks: `megasae bench <name> --help` (kernels, train, parallel)."""
     from megasae.bench import BENCHMARKS
 
     if not args or args[0] not in BENCHMARKS:

@@ -15,4 +15,10 @@ def _train(args: list[str]) -> None:
     main(args)
 
 
-BENCHMARKS: dict[str, Callable[[list[str]], None]] = {"kernels": _kernels, "train": _train}
+def _parallel(args: list[str]) -> None:
+    from megasae.bench.parallel import main
+
+    main(args)
+
+
+BENCHMARKS: dict[str, Callable[[list[str]], None]] = {"kernels": _kernels, "train": _train, "parallel": _parallel}
