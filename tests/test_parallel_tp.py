@@ -13,35 +13,33 @@ from data_fixtures import tiny_qwen25vl_processor
 from distributed import run_ranks
 from parallel_hosts import decoder_layers, hidden_after, image_chat_inputs, tiny_llama, tiny_qwen2, tiny_qwen25vl
 
-TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def _tp_rank(rank, world_size, model, inputs, expected, kv_rows):
+def _tp_rank(rank, world_size, cases):
     par = init_distributed("cpu", tp=world_size)
     assert par.tp_size == 2 and par.tp_rank == rank and par.dp_group is None
-    shard_model(model, par.tp_group, par.tp_rank, par.tp_size)
-    attention = decoder_layers(model)[0].self_attn
-    assert isinstance(attention.q_proj, ColumnParallelLinear) and attention.q_proj.out_features == 32
-    assert isinstance(attention.o_proj, RowParallelLinear) and attention.o_proj.in_features == 32
-    assert attention.k_proj.out_features == kv_rows
-    torch.testing.assert_close(hidden_after(model, 1, inputs), expected, **TOLERANCE)
+    for model, inputs, expected, kv_rows in cases:
+        shard_model(model, par.tp_group, par.tp_rank, par.tp_size)
+        attention = decoder_layers(model)[0].self_attn
+        assert isinstance(attention.q_proj, ColumnParallelLinear) and attention.q_proj.out_features == 32
+        assert isinstance(attention.o_proj, RowParallelLinear) and attention.o_proj.in_features == 32
+        assert attention.k_proj.out_features == kv_rows
+        torch.testing.assert_close(hidden_after(model, 1, inputs), expected, **TOLERANCE)
 
 
-def _check_tp2(model, inputs, kv_rows):
-    expected = hidden_after(model, 1, inputs)
-    run_ranks(_tp_rank, 2, model, inputs, expected, kv_rows)
+def _case(model, inputs, kv_rows):
+    return model, inputs, hidden_after(model, 1, inputs), kv_rows
 
 
-def test_llama_kv_heads_split():
-    ids = torch.randint(0, 96, (2, 12))
-    _check_tp2(tiny_llama(kv_heads=2), {"input_ids": ids}, kv_rows=16)  # one of two KV heads per rank
-
-
-def test_qwen2_kv_head_replicated():
+def test_llama_and_qwen2_text_models():
     ids = torch.randint(0, 96, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the attention mask is threaded through the sharded attention
-    _check_tp2(tiny_qwen2(kv_heads=1), {"input_ids": ids, "attention_mask": mask}, kv_rows=16)
+    run_ranks(_tp_rank, 2, [
+        _case(tiny_llama(kv_heads=2), {"input_ids": ids}, kv_rows=16),  # one of two KV heads per rank
+        _case(tiny_qwen2(kv_heads=1), {"input_ids": ids, "attention_mask": mask}, kv_rows=16),  # replicated
+    ])
 
 
 def test_qwen25vl_with_an_image():
@@ -49,7 +47,7 @@ def test_qwen25vl_with_an_image():
     model = tiny_qwen25vl(processor)
     inputs = image_chat_inputs(processor)
     assert (inputs["input_ids"] == model.config.image_token_id).any()
-    _check_tp2(model, inputs, kv_rows=16)
+    run_ranks(_tp_rank, 2, [_case(model, inputs, kv_rows=16)])
 
 
 def test_vocab_parallel_embedding_covers_every_id():
