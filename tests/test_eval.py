@@ -225,3 +225,4 @@ def test_writes_are_atomic_and_replace_is_checked(host_dir, tmp_path):
     with pytest.raises(ValueError, match=r"replace must map target module paths \['model.layers.1'\] to 'sae' or 'zero'"), \
             model.capture(replace={"model.layers.2": "sae"}):
         pass
+
