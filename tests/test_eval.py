@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from data_fixtures import write_parquet
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,8 +20,10 @@ from megasae.eval.files import write_atomic
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 
-TARGET = "model.layers.1"
 from conftest import WORDS
+from data_fixtures import write_parquet
+
+TARGET = "model.layers.1"
 
 
 def save_adapter(host_dir, path, targets=(TARGET,), weights=None, k=4, num_latents=64):
@@ -225,4 +226,3 @@ def test_writes_are_atomic_and_replace_is_checked(host_dir, tmp_path):
     with pytest.raises(ValueError, match=r"replace must map target module paths \['model.layers.1'\] to 'sae' or 'zero'"), \
             model.capture(replace={"model.layers.2": "sae"}):
         pass
-

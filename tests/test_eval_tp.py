@@ -4,9 +4,10 @@ SAE's latents are split between them) and rank 0 logs the same numbers as one pr
 import json
 
 import pytest
-from distributed import run_ranks
 
 from megasae.train import TrainConfig, Trainer
+
+from distributed import run_ranks
 
 TARGET = "model.layers.1"
 

@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from data_fixtures import tiny_qwen25vl_processor
 from PIL import Image
 
 from megasae import TopKSaeConfig, get_peft_sae_model
@@ -17,6 +16,8 @@ from megasae.eval.images import image_runs, unpatchify_qwen
 from megasae.eval.plots import density_png, l0_png
 from megasae.eval.report import report_markdown
 from megasae.models import load_host_model
+
+from data_fixtures import tiny_qwen25vl_processor
 
 TARGET = "model.language_model.layers.1"
 

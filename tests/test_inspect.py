@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_eval import TARGET, save_adapter
 
 from megasae.cli import main as cli_main
 from megasae.eval import EvalConfig, InspectConfig, evaluate, run_inspect
 from megasae.eval.batches import held_out_batches
 from megasae.eval.splice import load_sae_model
+
+from test_eval import TARGET, save_adapter
 
 SETTINGS = dict(max_tokens=256, batch_size=4, ctx_len=16, seed=3, device="cpu", outlier_factor=None)
 
