@@ -69,8 +69,14 @@ class StageMemory:
 
     @property
     def total(self) -> int:
-        return (self.host_weights + self.host_activations + self.sae_weights + self.sae_grads + self.optimizer
-                + self.sae_activations)
+        return (
+            self.host_weights
+            + self.host_activations
+            + self.sae_weights
+            + self.sae_grads
+            + self.optimizer
+            + self.sae_activations
+        )
 
 
 def decoder_layer_params(text: PretrainedConfig, layout: Layout) -> int:
@@ -106,15 +112,21 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
         by_layer.setdefault(target_layer(name), []).append(name)
     last = max(by_layer)
     if last >= text.num_hidden_layers:
-        raise ValueError(f"Target layer {last} does not exist: the host has {text.num_hidden_layers} decoder layers.")
+        raise ValueError(
+            f"Target layer {last} does not exist: the host has {text.num_hidden_layers} decoder layers."
+        )
     d, host_bytes = text.hidden_size, BYTES[cfg.dtype]
     tokens = cfg.micro_batch_size * cfg.ctx_len
     num_latents = cfg.num_latents or cfg.expansion_factor * d
     if num_latents % cfg.tp:
-        raise ValueError(f"{num_latents} latents cannot be split over --tp {cfg.tp}; choose a multiple of {cfg.tp}.")
+        raise ValueError(
+            f"{num_latents} latents cannot be split over --tp {cfg.tp}; choose a multiple of {cfg.tp}."
+        )
     sae_params = 2 * num_latents // cfg.tp * d + num_latents // cfg.tp + d
     local_heads = layout.local_q_heads + layout.local_kv_heads
-    activations = tokens * (3 * d + 2 * local_heads * layout.head_dim + 3 * layout.intermediate_size // cfg.tp)
+    activations = tokens * (
+        3 * d + 2 * local_heads * layout.head_dim + 3 * layout.intermediate_size // cfg.tp
+    )
     sae_activations = tokens * (16 * d + 12 * cfg.tp * (cfg.k + max(d // 2, 1)))
     stages = []
     for stage, layers in enumerate(stage_layers(last + 1, cfg.pp)):
@@ -124,34 +136,52 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
             params += (vocab_stop - vocab_start) * d + vision_params(getattr(config, "vision_config", None))
         targets = tuple(name for i in layers for name in by_layer.get(i, []))
         n = len(targets)
-        stages.append(StageMemory(
-            stage, layers, targets, params * host_bytes, activations * host_bytes,
-            n * (4 * sae_params + 8 * num_latents), n * 4 * sae_params, n * 8 * sae_params,
-            n * sae_activations,
-        ))
+        stages.append(
+            StageMemory(
+                stage,
+                layers,
+                targets,
+                params * host_bytes,
+                activations * host_bytes,
+                n * (4 * sae_params + 8 * num_latents),
+                n * 4 * sae_params,
+                n * 8 * sae_params,
+                n * sae_activations,
+            )
+        )
     return stages
 
 
 def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory]) -> str:
     text = config.get_text_config()
     num_latents = cfg.num_latents or cfg.expansion_factor * text.hidden_size
-    gib = lambda b: f"{b / GiB:.2f}"
+
+    def gib(size: int) -> str:
+        return f"{size / GiB:.2f}"
+
     lines = [
-        f"{config.model_type}: {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
-        f"{text.num_attention_heads} query / {text.num_key_value_heads} KV heads, MLP {text.intermediate_size}, "
-        f"vocab {text.vocab_size}; {cfg.dtype} host",
-        f"tp {cfg.tp} x pp {cfg.pp}: {cfg.tp * cfg.pp} GPUs per data-parallel replica; SAE {num_latents} latents "
-        f"(k {cfg.k}), {num_latents // cfg.tp} per rank; micro-batch {cfg.micro_batch_size} x {cfg.ctx_len} tokens",
+        (
+            f"{config.model_type}: {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+            f"{text.num_attention_heads} query / {text.num_key_value_heads} KV heads, "
+            f"MLP {text.intermediate_size}, vocab {text.vocab_size}; {cfg.dtype} host"
+        ),
+        (
+            f"tp {cfg.tp} x pp {cfg.pp}: {cfg.tp * cfg.pp} GPUs per data-parallel replica; "
+            f"SAE {num_latents} latents (k {cfg.k}), {num_latents // cfg.tp} per rank; "
+            f"micro-batch {cfg.micro_batch_size} x {cfg.ctx_len} tokens"
+        ),
         "",
-        "GiB per rank  layers   host weights  host act.  SAE weights  SAE grads  Adam state  SAE act.  total"
-        f"  fits {cfg.gpu_memory_gb:g} GiB",
+        (
+            "GiB per rank  layers   host weights  host act.  SAE weights  SAE grads  Adam state  SAE act.  total"
+            f"  fits {cfg.gpu_memory_gb:g} GiB"
+        ),
     ]
     for s in stages:
         fits = s.total <= cfg.gpu_memory_gb * GiB
         lines.append(
             f"stage {s.stage:<6} {s.layers.start:>2}-{s.layers.stop - 1:<4} {gib(s.host_weights):>12} "
-            f"{gib(s.host_activations):>10} {gib(s.sae_weights):>12} {gib(s.sae_grads):>10} {gib(s.optimizer):>11} "
-            f"{gib(s.sae_activations):>9} {gib(s.total):>6}  {'yes' if fits else 'NO'}"
+            f"{gib(s.host_activations):>10} {gib(s.sae_weights):>12} {gib(s.sae_grads):>10} "
+            f"{gib(s.optimizer):>11} {gib(s.sae_activations):>9} {gib(s.total):>6}  {'yes' if fits else 'NO'}"
         )
     lines.append("")
     for s in stages:
@@ -159,8 +189,8 @@ def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory])
             lines.append(f"stage {s.stage} trains the SAEs on {', '.join(s.targets)}")
         if s.total > cfg.gpu_memory_gb * GiB:
             lines.append(
-                f"stage {s.stage} needs {gib(s.total)} GiB, more than {cfg.gpu_memory_gb:g} GiB: raise --tp or --pp, "
-                "or lower --micro-batch-size or --num-latents."
+                f"stage {s.stage} needs {gib(s.total)} GiB, more than {cfg.gpu_memory_gb:g} GiB: "
+                "raise --tp or --pp, or lower --micro-batch-size or --num-latents."
             )
     return "\n".join(lines)
 

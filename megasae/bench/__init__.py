@@ -21,4 +21,8 @@ def _parallel(args: list[str]) -> None:
     main(args)
 
 
-BENCHMARKS: dict[str, Callable[[list[str]], None]] = {"kernels": _kernels, "train": _train, "parallel": _parallel}
+BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
+    "kernels": _kernels,
+    "train": _train,
+    "parallel": _parallel,
+}

@@ -32,8 +32,14 @@ def _tiny_llama(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -72,20 +78,23 @@ def _rank_main(rank: int, world_size: int, tp: int, port: int, args, result_file
     from megasae.parallel.distributed import clip_grad_norm_
 
     torch.set_num_threads(args.threads)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     par = init_distributed("cpu", tp=tp)
     host = _tiny_llama(args)
     shard_model(host, par.tp_group, par.tp_rank, par.tp_size)
     target = f"model.layers.{args.layers - 1}"
-    model = get_peft_sae_model(host, TopKSaeConfig(k=args.k, expansion_factor=args.expansion_factor,
-                                                   target_modules=[target]))
+    model = get_peft_sae_model(
+        host, TopKSaeConfig(k=args.k, expansion_factor=args.expansion_factor, target_modules=[target])
+    )
     shard_saes(model, par.tp_group)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4, foreach=True)
     sharded = sharded_parameters(model)
     ids = torch.randint(0, 512, (args.batch, args.ctx_len), generator=torch.Generator().manual_seed(0))
-    ids = ids[par.dp_rank::par.dp_size]
+    ids = ids[par.dp_rank :: par.dp_size]
 
     def step():
         with model.stop_after_targets(group=par.dp_group) as outputs:
@@ -108,10 +117,15 @@ def _rank_main(rank: int, world_size: int, tp: int, port: int, args, result_file
             step()
             times.append(time.perf_counter() - start)
     if rank == 0:
-        Path(result_file).write_text(json.dumps({
-            "step_s": statistics.median(times), "collective_calls": traffic.calls / args.steps,
-            "collective_mib": traffic.bytes / args.steps / 2**20,
-        }))
+        Path(result_file).write_text(
+            json.dumps(
+                {
+                    "step_s": statistics.median(times),
+                    "collective_calls": traffic.calls / args.steps,
+                    "collective_mib": traffic.bytes / args.steps / 2**20,
+                }
+            )
+        )
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -135,7 +149,8 @@ def run(args) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="megasae bench parallel",
-        description="One SAE training step on a tiny random Llama: one process vs DP = 2 vs TP = 2 CPU ranks.",
+        description="One SAE training step on a tiny random Llama: one process vs DP = 2 vs TP = 2 "
+        "CPU ranks.",
     )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers; the SAE reads the last one")

@@ -40,18 +40,28 @@ def shard_saes(model: nn.Module, group: dist.ProcessGroup | None) -> None:
 
 def sharded_parameters(model: nn.Module) -> set[int]:
     """id() of every latent-sharded SAE parameter (for a gradient norm over the whole model)."""
-    return {id(p) for layer in model.modules() if isinstance(layer, TopKSaeLayer) and layer.latent_group is not None
-            for name in SHARDED for p in getattr(layer, name).values()}
+    return {
+        id(p)
+        for layer in model.modules()
+        if isinstance(layer, TopKSaeLayer) and layer.latent_group is not None
+        for name in SHARDED
+        for p in getattr(layer, name).values()
+    }
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """model.state_dict() with every latent-sharded SAE tensor gathered whole (a collective over each TP group)."""
+    """model.state_dict() with every latent-sharded SAE tensor gathered whole.
+
+    A collective over each TP group: every rank calls it.
+    """
     state = model.state_dict()
     for path, layer in model.named_modules():
         if isinstance(layer, TopKSaeLayer) and layer.latent_group is not None:
             for name in SHARDED:
                 for adapter, shard in getattr(layer, name).items():
-                    state[f"{path}.{name}.{adapter}"] = latents.gather_rows(shard.detach(), layer.latent_group)
+                    state[f"{path}.{name}.{adapter}"] = latents.gather_rows(
+                        shard.detach(), layer.latent_group
+                    )
     return state
 
 

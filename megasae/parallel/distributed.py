@@ -63,7 +63,9 @@ def check_parallel_sizes(world_size: int, tp: int, pp: int) -> None:
         )
 
 
-def _new_groups(world_size: int, tp: int, pp: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+def _new_groups(
+    world_size: int, tp: int, pp: int
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """The rank lists of every TP, DP and PP group, in the rank layout of the module docstring."""
     dp = world_size // (tp * pp)
     rank = lambda p, d, t: (p * dp + d) * tp + t
@@ -103,8 +105,15 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1) -> Parallel
             if rank in ranks:
                 mine[kind] = group
     return ParallelState(
-        rank=rank, world_size=world_size, device=torch_device, dp_group=mine["dp"], tp_group=mine["tp"],
-        pp_group=mine["pp"], world_group=dist.group.WORLD, tp_size=tp, pp_size=pp,
+        rank=rank,
+        world_size=world_size,
+        device=torch_device,
+        dp_group=mine["dp"],
+        tp_group=mine["tp"],
+        pp_group=mine["pp"],
+        world_group=dist.group.WORLD,
+        tp_size=tp,
+        pp_size=pp,
     )
 
 
@@ -139,10 +148,12 @@ def barrier(group: dist.ProcessGroup | None) -> None:
         dist.barrier(group=group)
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, sharded: set[int],
-                    tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+def clip_grad_norm_(
+    params: list[torch.Tensor], max_norm: float, sharded: set[int], tp_group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the whole model when the parameters whose id() is in `sharded`
-    are split over `tp_group` (their squares summed over its ranks) and the rest are replicated (counted once)."""
+    are split over `tp_group` (their squares summed over its ranks) and the rest are replicated (counted
+    once)."""
     if tp_group is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]

@@ -25,8 +25,15 @@ def _offset(group: dist.ProcessGroup, local_latents: int) -> int:
     return dist.get_rank(group) * local_latents
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int,
-                group: dist.ProcessGroup, dead_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    group: dist.ProcessGroup,
+    dead_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """ops.topk_encode over all ranks' latents: (values, global indices) [N, k], the same on every rank.
 
     W_enc and b_enc are this rank's rows; dead_mask covers all M latents.
@@ -34,7 +41,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k
     local_latents = W_enc.shape[0]
     offset = _offset(group, local_latents)
     if dead_mask is not None:
-        dead_mask = dead_mask[offset:offset + local_latents]
+        dead_mask = dead_mask[offset : offset + local_latents]
     if b_dec is not None:
         b_dec = copy_to_group(b_dec, group)
     values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, min(k, local_latents), dead_mask)
@@ -44,8 +51,9 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k
     return top, candidate_ids.gather(-1, slots)
 
 
-def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None,
-                  group: dist.ProcessGroup) -> Tensor:
+def sparse_decode(
+    indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None, group: dist.ProcessGroup
+) -> Tensor:
     """ops.sparse_decode of global codes with W_dec split by latent: each rank decodes the winners it owns."""
     local_latents = W_dec.shape[0]
     local = indices - _offset(group, local_latents)
@@ -57,10 +65,10 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor 
 
 
 def shard_rows(full: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """This rank's block of rows of a per-latent tensor (M divisible by the group size, checked by the caller)."""
+    """This rank's block of rows of a per-latent tensor (M divisible by the group size: the caller checks)."""
     size = dist.get_world_size(group)
     part = full.shape[0] // size
-    return full[dist.get_rank(group) * part:(dist.get_rank(group) + 1) * part]
+    return full[dist.get_rank(group) * part : (dist.get_rank(group) + 1) * part]
 
 
 def gather_rows(shard: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -20,7 +20,9 @@ from megasae.parallel.collectives import copy_to_group, reduce_from_group
 
 
 class ColumnParallelLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, group: dist.ProcessGroup | None, **kw):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group: dist.ProcessGroup | None, **kw
+    ):
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.group = group
 
@@ -29,7 +31,9 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, group: dist.ProcessGroup | None, **kw):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group: dist.ProcessGroup | None, **kw
+    ):
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.group = group
 
@@ -39,8 +43,9 @@ class RowParallelLinear(nn.Linear):
 
 
 class VocabParallelEmbedding(nn.Embedding):
-    def __init__(self, vocab_start: int, num_embeddings: int, embedding_dim: int,
-                 group: dist.ProcessGroup | None, **kw):
+    def __init__(
+        self, vocab_start: int, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None, **kw
+    ):
         super().__init__(num_embeddings, embedding_dim, **kw)
         self.vocab_start = vocab_start
         self.group = group

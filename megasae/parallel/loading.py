@@ -64,21 +64,32 @@ def _read(file: Path, name: str, piece: Slice | None) -> torch.Tensor:
         return sliced[rows] if piece.dim == 0 else sliced[:, rows]
 
 
-def load_sharded_host(path: str | Path, target_modules: list[str], group: dist.ProcessGroup | None, rank: int,
-                      tp: int, *, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str = "cpu") -> nn.Module:
+def load_sharded_host(
+    path: str | Path,
+    target_modules: list[str],
+    group: dist.ProcessGroup | None,
+    rank: int,
+    tp: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
     """The host of `path` truncated after the last target's decoder layer, holding this TP rank's slices."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config()
     last = max(target_layer(name) for name in target_modules)
     if last >= text.num_hidden_layers:
-        raise ValueError(f"Target layer {last} does not exist: {path} has {text.num_hidden_layers} decoder layers.")
+        raise ValueError(
+            f"Target layer {last} does not exist: {path} has {text.num_hidden_layers} decoder layers."
+        )
     text.num_hidden_layers = last + 1  # later layers are never built
     config.use_cache = text.use_cache = False  # as load_host_model: megasae never generates
     auto_cls = AutoModelForImageTextToText if _is_image_text(config) else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=_attn_implementation(torch.device(device)))
+        model = auto_cls.from_config(
+            config, dtype=dtype, attn_implementation=_attn_implementation(torch.device(device))
+        )
     split = shard_model(model, group, rank, tp)
     files = _weight_files(path)
     for name, param in list(model.named_parameters()):
@@ -94,10 +105,16 @@ def load_sharded_host(path: str | Path, target_modules: list[str], group: dist.P
     return model.eval().requires_grad_(False)
 
 
-def load_host_tensor_parallel(path: str | Path | None, target_modules: list[str], par: ParallelState, *,
-                              dtype: torch.dtype = torch.float32):
+def load_host_tensor_parallel(
+    path: str | Path | None,
+    target_modules: list[str],
+    par: ParallelState,
+    *,
+    dtype: torch.dtype = torch.float32,
+):
     """`megasae.models.load_host_model` for a TP rank: (this rank's truncated, sharded host, processor)."""
     model_dir = hf_model_dir(path)
-    model = load_sharded_host(model_dir, target_modules, par.tp_group, par.tp_rank, par.tp_size, dtype=dtype,
-                              device=par.device)
+    model = load_sharded_host(
+        model_dir, target_modules, par.tp_group, par.tp_rank, par.tp_size, dtype=dtype, device=par.device
+    )
     return model, load_processor(model_dir, model.config)

@@ -103,7 +103,8 @@ class PipelineStage:
             first.remove()
             last.remove()
         raise RuntimeError(
-            "Pipeline stage 0 stopped before its last layer, so later stages would wait forever: capture with "
+            "Pipeline stage 0 stopped before its last layer, so later stages would wait forever: "
+            "capture with "
             "stop_after_targets=False (each stage stops after its own layers)."
         )
 
@@ -112,7 +113,9 @@ class PipelineStage:
     def _send(self, hidden: Tensor, kwargs: dict) -> None:
         leaves, spec = tree_flatten((hidden, kwargs))
         tensors = [leaf.contiguous() for leaf in leaves if isinstance(leaf, Tensor)]
-        header = [_Slot(tuple(leaf.shape), leaf.dtype) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        header = [
+            _Slot(tuple(leaf.shape), leaf.dtype) if isinstance(leaf, Tensor) else leaf for leaf in leaves
+        ]
         dist.send_object_list([header, treespec_dumps(spec)], dst=self.next, device=self.device)
         for tensor in tensors:
             dist.send(tensor, dst=self.next)

@@ -41,7 +41,11 @@ PLANS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 # model_type -> the ModuleList of decoder layers (split over pipeline stages).
-DECODER_LAYERS = {"llama": "model.layers", "qwen2": "model.layers", "qwen2_5_vl": "model.language_model.layers"}
+DECODER_LAYERS = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "qwen2_5_vl": "model.language_model.layers",
+}
 
 
 def plan_for(config: PretrainedConfig) -> tuple[tuple[str, str], ...]:
@@ -75,8 +79,14 @@ class Layout:
     def from_config(cls, config: PretrainedConfig, tp: int) -> Layout:
         text = config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return cls(text.num_attention_heads, text.num_key_value_heads, head_dim, text.intermediate_size,
-                   text.vocab_size, tp)
+        return cls(
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            head_dim,
+            text.intermediate_size,
+            text.vocab_size,
+            tp,
+        )
 
     def fits(self, tp: int) -> bool:
         kv_ok = self.kv_heads % tp == 0 or tp % self.kv_heads == 0
@@ -124,7 +134,8 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     later stages take the extra layers, since stage 0 also holds the embeddings (and a vision tower)."""
     if pp > num_layers:
         raise ValueError(
-            f"--pp {pp} needs at least {pp} decoder layers up to the last target, but there are {num_layers}: "
+            f"--pp {pp} needs at least {pp} decoder layers up to the last target, "
+            f"but there are {num_layers}: "
             f"lower --pp or target a later layer."
         )
     base, extra = divmod(num_layers, pp)

@@ -30,8 +30,9 @@ class Slice:
         return full.narrow(self.dim, self.start, self.stop - self.start)
 
 
-def parallel_module(style: str, module: nn.Module, layout: Layout, rank: int,
-                    group: dist.ProcessGroup | None) -> tuple[nn.Module, dict[str, Slice | None]]:
+def parallel_module(
+    style: str, module: nn.Module, layout: Layout, rank: int, group: dist.ProcessGroup | None
+) -> tuple[nn.Module, dict[str, Slice | None]]:
     """The tensor-parallel replacement of `module` (uninitialised) and the slice of each parameter."""
     kw = {"device": module.weight.device, "dtype": module.weight.dtype}
     has_bias = getattr(module, "bias", None) is not None
