@@ -1,7 +1,10 @@
 """`megasae train --tp 2`: two gloo ranks splitting the host and the SAE's latents train the same adapter as one
 process (fp32, 4 Adam steps of lr 3e-3 with AuxK active). Tolerance rtol 1e-4, atol 1e-4: all-reduces reorder
 sums, and Adam turns a ~1e-7 difference in a near-zero gradient into up to a few 1e-5 of weight (measured:
-one element of 4096 off by 2.2e-5)."""
+one element of 4096 off by 2.2e-5). Resuming under TP = 2 restores each rank's latents and Adam state exactly.
+TP = 2 x DP = 2 on four ranks: test_parallel_train_dp.py."""
+
+import dataclasses
 
 import torch
 from safetensors.torch import load_file
@@ -22,15 +25,27 @@ def _config(host_dir, data, output_dir, **overrides) -> TrainConfig:
     return TrainConfig(**dict(fields, **overrides))
 
 
-def _train_rank(rank, world_size, cfg):
-    Trainer(cfg).fit()
-
-
-def test_tp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path):
+def text_rows(path):
     g = torch.Generator().manual_seed(0)
     rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist())}
             for _ in range(60)]
-    data = write_parquet(tmp_path / "text.parquet", rows)
+    return write_parquet(path, rows)
+
+
+def _train_rank(rank, world_size, cfg):
+    trainer = Trainer(cfg)
+    trainer.fit()
+    # Resuming restores this rank's latents from the whole adapter of the checkpoint, with its Adam state.
+    resumed = Trainer(dataclasses.replace(cfg, resume=True))
+    assert resumed.step == trainer.step
+    for mine, restored in zip(trainer.params, resumed.params, strict=True):
+        assert torch.equal(mine, restored)
+    for mine, restored in zip(trainer.optimizer.state.values(), resumed.optimizer.state.values(), strict=True):
+        assert torch.equal(mine["exp_avg"], restored["exp_avg"])
+
+
+def test_tp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path):
+    data = text_rows(tmp_path / "text.parquet")
     Trainer(_config(host_dir, data, tmp_path / "tp1")).fit()
     run_ranks(_train_rank, 2, _config(host_dir, data, tmp_path / "tp2", tp=2))
     expected, got = load_file(tmp_path / "tp1" / "adapter_model.safetensors"), load_file(
