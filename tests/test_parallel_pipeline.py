@@ -2,11 +2,12 @@
 after each stage's last layer, and an SAE on the stage owning its target gives the single-process SAE
 (fp32; rtol 1e-5, atol 1e-5)."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megasae import TopKSaeConfig, get_peft_sae_model
-from megasae.parallel import init_distributed, shard_model
+from megasae.parallel import ParallelState, init_distributed, shard_model
 from megasae.parallel.pipeline import PipelineStage, stage_targets
 
 from data_fixtures import tiny_qwen25vl_processor
@@ -89,3 +90,10 @@ def test_pp2_sae_lives_on_the_stage_that_owns_its_target():
         expected[target] = {"weights": weights, "x_hat": outputs[target].x_hat.detach(),
                             "fvu": outputs[target].fvu.detach()}
     run_ranks(_sae_rank, 2, host, inputs, expected)
+
+
+def test_a_target_no_stage_owns_is_refused():
+    par = ParallelState(rank=1, world_size=2, pp_size=2)
+    assert stage_targets(TARGETS, 3, par) == ["model.layers.3"]
+    with pytest.raises(ValueError, match=r"'model.layers.3' is in decoder layer 3, which no pipeline stage owns"):
+        stage_targets(TARGETS, 2, par)

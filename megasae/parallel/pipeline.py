@@ -37,7 +37,13 @@ class _Slot:
 
 
 def stage_targets(target_modules: list[str], last_layer: int, par: ParallelState) -> list[str]:
-    """The targets inside this rank's stage (the SAEs it trains)."""
+    """The targets inside this rank's stage (the SAEs it trains); every target must be in some stage."""
+    for name in target_modules:
+        if target_layer(name) > last_layer:
+            raise ValueError(
+                f"Target {name!r} is in decoder layer {target_layer(name)}, which no pipeline stage owns: "
+                f"the stages cover layers 0-{last_layer}; build them up to the last target's layer."
+            )
     mine = stage_layers(last_layer + 1, par.pp_size)[par.pp_rank]
     return [name for name in target_modules if target_layer(name) in mine]
 
