@@ -8,8 +8,6 @@ from pathlib import Path
 
 import tyro
 
-from megasae.train.config import TrainConfig, load_config_file
-
 
 def _config_file(args: list[str]) -> Path | None:
     for i, arg in enumerate(args):
@@ -22,7 +20,8 @@ def _config_file(args: list[str]) -> Path | None:
 
 def train_command(args: list[str]) -> None:
     """Train TopK SAEs (the built-in default with no flags)."""
-    from megasae.train import train
+    from megasae.train import TrainConfig, train
+    from megasae.train.config import load_config_file
 
     config_file = _config_file(args)
     default = TrainConfig(**load_config_file(config_file)) if config_file else TrainConfig()
