@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,8 @@ def eval_command(args: list[str]) -> None:
     from megasae.eval import EvalConfig, run_eval
 
     out = run_eval(tyro.cli(EvalConfig, args=args, prog="megasae eval"))
-    print(f"wrote {out / 'report.md'} and {out / 'eval.json'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out / 'report.md'} and {out / 'eval.json'}")
 
 
 def inspect_command(args: list[str]) -> None:

@@ -58,6 +58,9 @@ class EvalConfig(HeldOutData):
 
     output_dir: Path = Path("runs/eval")
     """Where eval.json, report.md and the plots go."""
+    tp: int = 1
+    """Tensor-parallel size under torchrun, as in training: the host (LM head replicated) and each SAE's
+    latents split over this many ranks; the world size must equal it."""
 
 
 @dataclass

@@ -15,14 +15,26 @@ from megasae.eval.metrics import NextTokenStats, ReconstructionStats, next_token
 from megasae.eval.plots import density_png, l0_png
 from megasae.eval.report import report_markdown
 from megasae.eval.splice import adapter_settings, host_logits, load_sae_model
+from megasae.parallel import ParallelState, init_distributed
+
+
+def init_eval_ranks(cfg: EvalConfig) -> ParallelState:
+    """One process, or under torchrun one tensor-parallel group: every rank reads the same batches."""
+    par = init_distributed(cfg.device, tp=cfg.tp)
+    if par.world_size != par.tp_size:
+        raise ValueError(
+            f"megasae eval splits the host over --tp ranks only: run it on --tp ({cfg.tp}) ranks, not {par.world_size}."
+        )
+    return par
 
 
 @torch.no_grad()
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     """The numbers of eval.json: per target and token group, reconstruction and sparsity on the clean host's
     activations, and the next-token loss at the positions the SAE replaces, with that target alone spliced."""
-    model, processor, layers = load_sae_model(cfg)
-    device = cfg.torch_device()
+    par = par or init_eval_ranks(cfg)
+    model, processor, layers = load_sae_model(cfg, par)
+    device = par.device
     image_ids = torch.tensor(image_token_ids(processor), dtype=torch.long)
     multimodal = image_ids.numel() > 0
     groups = ("all", "text", "image") if multimodal else ("all",)
@@ -78,9 +90,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def run_eval(cfg: EvalConfig) -> Path:
-    """Evaluate and write eval.json, report.md, density.png and l0.png into cfg.output_dir."""
-    result = evaluate(cfg)
+    """Evaluate and write eval.json, report.md, density.png and l0.png into cfg.output_dir (rank 0 writes)."""
+    par = init_eval_ranks(cfg)
+    result = evaluate(cfg, par)
     out = cfg.output_dir
+    if not par.is_main:
+        return out
     write_atomic(out / "eval.json", json.dumps(result, indent=1))
     write_atomic(out / "density.png", density_png(result))
     write_atomic(out / "l0.png", l0_png(result))

@@ -1,10 +1,11 @@
-"""Load a host tensor-parallel from safetensors: each rank reads only its slices, up to the last target layer.
+"""Load a host tensor-parallel from safetensors: each rank reads only its slices.
 
-The model is built on the meta device with only the decoder layers up to the last target (buffers such
-as rotary frequencies are real), its planned modules are replaced by their tensor-parallel forms, and
-every remaining parameter is read from the checkpoint as exactly the slice this rank holds
-(`safe_open(...).get_slice(name)[rows]`): no rank ever holds a full weight it does not keep. The LM
-head stays on the meta device, unread: training stops the forward after the last target.
+The model is built on the meta device (buffers such as rotary frequencies are real), its planned modules
+are replaced by their tensor-parallel forms, and every remaining parameter is read from the checkpoint as
+exactly the slice this rank holds (`safe_open(...).get_slice(name)[rows]`): no rank ever holds a full
+weight it does not keep. For training, only the decoder layers up to the last target are built and the
+LM head stays on the meta device, unread: the forward stops after the last target. For evaluation, which
+runs the host to its logits, every layer is built and the LM head is read whole on every rank.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _read(file: Path, name: str, piece: Slice | None) -> torch.Tensor:
 
 def load_sharded_host(
     path: str | Path,
-    target_modules: list[str],
+    target_modules: list[str] | None,
     group: dist.ProcessGroup | None,
     rank: int,
     tp: int,
@@ -74,28 +75,35 @@ def load_sharded_host(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """The host of `path` truncated after the last target's decoder layer, holding this TP rank's slices."""
+    """The host of `path` holding this TP rank's slices: truncated after the last target's decoder layer,
+    or, with no `target_modules`, whole with a replicated LM head."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config()
-    last = max(target_layer(name) for name in target_modules)
-    if last >= text.num_hidden_layers:
-        raise ValueError(
-            f"Target layer {last} does not exist: {path} has {text.num_hidden_layers} decoder layers."
-        )
-    text.num_hidden_layers = last + 1  # later layers are never built
+    if target_modules is not None:
+        last = max(target_layer(name) for name in target_modules)
+        if last >= text.num_hidden_layers:
+            raise ValueError(
+                f"Target layer {last} does not exist: {path} has {text.num_hidden_layers} decoder layers."
+            )
+        text.num_hidden_layers = last + 1  # later layers are never built
     config.use_cache = text.use_cache = False  # as load_host_model: megasae never generates
     auto_cls = AutoModelForImageTextToText if _is_image_text(config) else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         model = auto_cls.from_config(
             config, dtype=dtype, attn_implementation=_attn_implementation(torch.device(device))
         )
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     split = shard_model(model, group, rank, tp)
     files = _weight_files(path)
     for name, param in list(model.named_parameters()):
-        if name.startswith(UNREAD):
+        if target_modules is not None and name.startswith(UNREAD):
             continue
-        source = _checkpoint_name(name, files, config.model_type)
+        if name.startswith(UNREAD) and name not in files:
+            # A tied head is stored once, as the embedding: read it whole (the embedding itself is split).
+            source = _checkpoint_name(f"{embedding}.weight", files, config.model_type)
+        else:
+            source = _checkpoint_name(name, files, config.model_type)
         tensor = _read(files[source], source, split.get(name)).to(device=device, dtype=dtype)
         module_name, _, param_name = name.rpartition(".")
         model.get_submodule(module_name)._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
@@ -107,12 +115,13 @@ def load_sharded_host(
 
 def load_host_tensor_parallel(
     path: str | Path | None,
-    target_modules: list[str],
+    target_modules: list[str] | None,
     par: ParallelState,
     *,
     dtype: torch.dtype = torch.float32,
 ):
-    """`megasae.models.load_host_model` for a TP rank: (this rank's truncated, sharded host, processor)."""
+    """`megasae.models.load_host_model` for a TP rank: (this rank's sharded host, processor); truncated after
+    the last of `target_modules`, or whole (LM head replicated) when they are None."""
     model_dir = hf_model_dir(path)
     model = load_sharded_host(
         model_dir, target_modules, par.tp_group, par.tp_rank, par.tp_size, dtype=dtype, device=par.device
