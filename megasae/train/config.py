@@ -53,8 +53,8 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the host model (the SAEs train in float32)."""
     compile: bool = False
-    """torch.compile the host's transformer layers one by one: a faster host forward (about 1.3x for
-    SmolLM2 on a CPU) after a one-off compile of tens of seconds in the first step."""
+    """torch.compile the host's transformer layers one by one: a faster host forward after a one-off
+    compile in the first step."""
     tokens: Literal["all", "text", "image"] = "all"
     """Which positions the SAEs train on, by modality; padding, position 0 and special tokens never."""
     outlier_factor: float | None = 10.0
