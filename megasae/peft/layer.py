@@ -158,7 +158,9 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             )
         device = next(self.base_layer.parameters(), torch.empty(0)).device
         if config.init_sae_weights:
-            weights = sae.init_weights(width_read, self.d_out, num_latents, dtype=config.torch_dtype, device=device)
+            # Drawn on the CPU: the same seed gives the same SAE on every device (CUDA's generator differs).
+            weights = sae.init_weights(width_read, self.d_out, num_latents, dtype=config.torch_dtype)
+            weights = {name: tensor.to(device) for name, tensor in weights.items()}
         else:
             shapes = {"W_enc": (num_latents, width_read), "b_enc": (num_latents,),
                       "W_dec": (num_latents, self.d_out), "b_dec": (self.d_out,)}
