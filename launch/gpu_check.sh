@@ -3,16 +3,20 @@
 # PyTorch, nvcc and ninja, and nothing to download (no pip, no network):
 #
 #   1. builds megasae._C in place for this GPU's architecture (setup.py build_ext --inplace);
-#   2. runs the kernel tests, whose CUDA cases run here (tests/test_ops.py, tests/test_topk_encode.py);
-#   3. runs `megasae bench kernels` in bf16 and in fp32 on the GPU (the issue's target shape
-#      N=8192 d=4096 M=131072 k=64 and two smaller ones).
+#   2. runs the CUDA cases of the kernel tests (tests/test_ops.py, tests/test_topk_encode.py);
+#   3. runs `megasae bench kernels --profile` in bf16, fp32 and tf32 on the GPU (the issue's target shape
+#      N=8192 d=4096 M=131072 k=64 and two smaller ones), next to sparsify when it imports;
+#   4. runs tests/test_cuda.py: training, eval and --compile on the GPU against the same CPU runs.
 #
 # Usage: launch/gpu_check.sh [OUT_DIR]       (default: $OUT if set, else out/gpu_check)
 # Everything it prints also lands in OUT_DIR (build.log, tests.log, bench_*.json, bench_*.log,
-# env.txt). Sized to finish in about 8 minutes on an H100/H200; each stage has its own time limit,
+# env.txt). Sized to finish in about 6 minutes on an H100/H200; each stage has its own time limit,
 # and a failing stage does not stop the later ones (the exit status says whether any failed).
-# If megasae's Python dependencies (peft, transformers, ...) are missing or too old there, the
-# kernels are imported without the package __init__ (see megasae_gpu_stub below).
+# Python packages missing there (tyro, gguf, eai-sparsify and its dependencies, or megasae's pinned
+# peft/transformers) can travel as wheels in .gpu_wheels/ (fill it with `pip download --no-deps`);
+# they are installed into a private folder, never into the machine's Python. If megasae's
+# dependencies still fail to import, the kernels are imported without the package __init__
+# (see megasae_gpu_stub below) and step 4 fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,9 +43,16 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" | tee -a "$OUT_DIR/env.txt"
 
+if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
+  stage "carried wheels"
+  SITE=$(mktemp -d)
+  $PY -m pip install -q --no-index --no-deps --target "$SITE" .gpu_wheels/*.whl 2>&1 | tail -n 5
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 stage "build (setup.py build_ext --inplace)"
 rm -f megasae/_C*.so
-timeout 420 $PY setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1
+timeout 300 $PY setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1
 rc=$?
 tail -n 15 "$OUT_DIR/build.log"
 if [ $rc -ne 0 ]; then
@@ -81,25 +92,31 @@ assert torch.equal(i, ref.indices), 'topk_encode disagrees with torch.topk'
 print('smoke test ok')
 " 2>&1 | tee "$OUT_DIR/smoke.log" || status=1
 
-stage "kernel tests (CPU and CUDA cases)"
-timeout 300 $PY -m pytest -q -p megasae_gpu_stub -p no:cacheprovider tests/test_ops.py tests/test_topk_encode.py \
-  -rfEs 2>&1 | tee "$OUT_DIR/tests.log" | tail -n 40
+stage "kernel tests (the CUDA cases)"
+timeout 240 $PY -m pytest -q -p megasae_gpu_stub -p no:cacheprovider tests/test_ops.py tests/test_topk_encode.py \
+  -k cuda -rfEs 2>&1 | tee "$OUT_DIR/tests.log" | tail -n 40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 bench() {  # bench DTYPE SHAPES...
   local dtype=$1
   shift
   stage "megasae bench kernels --dtype $dtype"
-  timeout 240 $PY -c "
+  timeout 150 $PY -c "
 import sys, megasae_gpu_stub
 from megasae.bench.kernels import main
 main(sys.argv[1:])
-" --device cuda --dtype "$dtype" --repeats 10 --warmup 3 --shapes "$@" --json "$OUT_DIR/bench_$dtype.json" \
+" --device cuda --dtype "$dtype" --profile --repeats 10 --warmup 3 --shapes "$@" --json "$OUT_DIR/bench_$dtype.json" \
     2>&1 | tee "$OUT_DIR/bench_$dtype.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 bench bf16 8192x4096x131072x64 8192x2048x65536x32 4096x576x18432x32
+
+stage "training, eval and --compile on the GPU against the CPU (tests/test_cuda.py)"
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -rfEs 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -n 40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 bench fp32 8192x4096x131072x64 4096x576x18432x32
+bench tf32 8192x4096x131072x64 4096x576x18432x32
 
 stage "done: status $status (0: every stage passed); outputs in $OUT_DIR"
 rm -rf "$STUB_DIR"

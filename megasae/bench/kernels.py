@@ -16,6 +16,9 @@ the peak RSS (VmHWM, reset through /proc/self/clear_refs), measured in a pass of
 the timings, with glibc told to map every allocation of 64 KiB or more afresh (mallopt
 M_MMAP_THRESHOLD) so that freed memory kept by malloc cannot hide an allocation. The table prints
 the median seconds, the ratio to the floor and the peak memory; --json writes every timing.
+--dtype tf32 is fp32 data with TensorFloat-32 GEMMs allowed (every path alike). On a GPU, sparsify's
+forward always runs under bf16 autocast, so its fp32 row is a mixed-precision step; compare it with
+megasae's tf32 or bf16 rows. --profile prints where megasae's step spends its time, op by op.
 
 Only torch and megasae.ops are imported, so the benchmark runs wherever the extension is built.
 """
@@ -37,7 +40,7 @@ import torch
 
 DEFAULT_SHAPES = [f"4096x576x{M}x{k}" for M in (4608, 18432, 73728) for k in (32, 128)]
 PATHS = ("floor", "naive", "sparsify", "megasae")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -290,6 +293,22 @@ def time_shape(shape: Shape, args, sparsify) -> list[dict]:
     return rows
 
 
+def profile_megasae(shape: Shape, args) -> str:
+    """torch.profiler's per-op table of megasae's step (after one warm-up), by self time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = build_steps(shape, argparse.Namespace(**{**vars(args), "paths": ["megasae"]}), None)["megasae"]
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'N':>6} {'d':>5} {'M':>7} {'k':>4}  {'path':<9}{'median s':>10}{'x floor':>9}{'peak MiB':>10}"
     print(header)
@@ -344,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass (one more step per path)"
     )
+    parser.add_argument("--profile", action="store_true", help="print megasae's step op by op (torch.profiler)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write every timing to this JSON file")
     args = parser.parse_args(argv)
     if args.device is None:
@@ -354,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--threads and --repeats must be >= 1, --warmup >= 0")
     shapes = args.shapes or [Shape.parse(s) for s in DEFAULT_SHAPES]
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
 
     from megasae import ops
 
@@ -372,6 +393,11 @@ def main(argv: list[str] | None = None) -> None:
         shape_rows = time_shape(shape, args, sparsify)
         rows += shape_rows
         print_table(shape_rows)
+        if args.profile:
+            table = profile_megasae(shape, args)
+            print(f"megasae's step at {shape}, 3 steps:\n{table}")
+            for r in shape_rows:
+                r["profile"] = table
         sys.stdout.flush()
     if args.device == "cpu" and args.memory:
         # After every timing: the malloc setting below would change what the steps pay for memory.
