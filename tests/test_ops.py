@@ -203,18 +203,20 @@ def test_sparse_decode_validation(change, match):
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [D, 64])  # 64: rows move as 16-byte packs
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 8, M])
 @pytest.mark.parametrize("N", [0, 1, 37, 512])
-def test_sparse_decode_cuda_fp32(N, k, bias):
-    assert_matches_reference(*decode_inputs(N, k, bias=bias, device="cuda"), rtol=1e-5, atol=1e-5)
+def test_sparse_decode_cuda_fp32(N, k, bias, d):
+    assert_matches_reference(*decode_inputs(N, k, bias=bias, device="cuda", d=d), rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [D, 64])  # 64: rows move as 16-byte packs
 @pytest.mark.parametrize("k", [1, 8, M])
-def test_sparse_decode_cuda_bf16(k):
+def test_sparse_decode_cuda_bf16(k, d):
     assert_matches_reference(
-        *decode_inputs(200, k, dtype=torch.bfloat16, device="cuda"), rtol=2**-8, atol=1e-4
+        *decode_inputs(200, k, dtype=torch.bfloat16, device="cuda", d=d), rtol=2**-8, atol=1e-4
     )
 
 

@@ -219,7 +219,10 @@ def test_step_gradients_equal_reference(masked, x_grad, device):
         if b is None:
             assert a is None, name
             continue
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        # Both sides sum in float32, in different orders: the reference itself is up to ~2e-7 of the
+        # gradient's largest entry away from float64, so small entries get an absolute slack at that scale.
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
