@@ -149,19 +149,28 @@ def barrier(group: dist.ProcessGroup | None) -> None:
 
 
 def clip_grad_norm_(
-    params: list[torch.Tensor], max_norm: float, sharded: set[int], tp_group: dist.ProcessGroup | None
+    params: list[torch.Tensor],
+    max_norm: float,
+    sharded: set[int],
+    tp_group: dist.ProcessGroup | None,
+    pp_group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the whole model when the parameters whose id() is in `sharded`
-    are split over `tp_group` (their squares summed over its ranks) and the rest are replicated (counted
-    once)."""
-    if tp_group is None:
+    """torch.nn.utils.clip_grad_norm_ over the whole model when its parameters are spread over ranks: those
+    whose id() is in `sharded` are split over `tp_group` (their squares summed over its ranks), the rest
+    are replicated there (counted once), and each pipeline stage of `pp_group` holds its own (possibly
+    none: `device` is where an empty stage's zero lives)."""
+    if tp_group is None and pp_group is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]
-    split = [p.grad for p in params if p.grad is not None and id(p) in sharded]
-    square = torch.stack([g.float().pow(2).sum() for g in split]).sum()
-    dist.all_reduce(square, group=tp_group)
-    replicated = [p.grad.float().pow(2).sum() for p in params if p.grad is not None and id(p) not in sharded]
-    total = (square + sum(replicated)).sqrt()
+    zero = torch.zeros((), device=device)
+    split = sum((p.grad.float().pow(2).sum() for p in params if p.grad is not None and id(p) in sharded), zero)
+    if tp_group is not None:
+        dist.all_reduce(split, group=tp_group)
+    square = split + sum((p.grad.float().pow(2).sum() for p in params if p.grad is not None and id(p) not in sharded), zero)
+    if pp_group is not None:
+        dist.all_reduce(square, group=pp_group)
+    total = square.sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.to(g.dtype))

@@ -10,6 +10,7 @@ A capture session (`megasae.capture`) always captures.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,8 +159,13 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             )
         device = next(self.base_layer.parameters(), torch.empty(0)).device
         if config.init_sae_weights:
-            # Drawn on the CPU: the same seed gives the same SAE on every device (CUDA's generator differs).
-            weights = sae.init_weights(width_read, self.d_out, num_latents, dtype=config.torch_dtype)
+            # Drawn on the CPU from a generator of this SAE's own, seeded by the global seed, the module path
+            # and the adapter name: the same SAE on every device (CUDA's generator differs), whatever other
+            # targets exist and whichever rank (pipeline stage) builds it.
+            seed = torch.initial_seed() + zlib.crc32(f"{self.module_path}/{adapter_name}".encode())
+            generator = torch.Generator().manual_seed(seed % 2**63)
+            weights = sae.init_weights(width_read, self.d_out, num_latents, dtype=config.torch_dtype,
+                                       generator=generator)
             weights = {name: tensor.to(device) for name, tensor in weights.items()}
         else:
             shapes = {"W_enc": (num_latents, width_read), "b_enc": (num_latents,),

@@ -3,7 +3,7 @@
 Layout under the output directory:
 
     checkpoints/step-000120/         one complete checkpoint
-        adapter_config.json          the PEFT adapter (rank 0)
+        adapter_config.json          the whole PEFT adapter (written by one rank)
         adapter_model.safetensors
         trainer-rank0.pt             optimizer, schedule, data position, RNG, dead-latent counters
     checkpoints/latest               the name of the newest complete checkpoint
@@ -60,7 +60,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing
         tmp.mkdir(parents=True)
     barrier(par.world_group)
-    save_adapter(tmp)  # every rank: latent-parallel SAEs gather their shards; rank 0 writes
+    save_adapter(tmp)  # every rank: latent-parallel SAEs gather their shards, pipeline stages send theirs; one rank writes
     torch.save(trainer_state, tmp / f"trainer-rank{par.rank}.pt")
     barrier(par.world_group)
     if par.is_main:

@@ -90,6 +90,9 @@ class TrainConfig:
     tp: int = 1
     """Tensor-parallel size: the host's layers and each SAE's latents split over this many ranks (Megatron
     style); the world size must be a multiple of it, the rest being data parallel."""
+    pp: int = 1
+    """Pipeline-parallel size: the host's decoder layers up to the last target split into this many stages,
+    each SAE trained on the stage that owns its target; the world size must be a multiple of tp x pp."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the host and SAEs run; auto picks CUDA when available."""
     config: Path | None = None

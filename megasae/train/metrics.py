@@ -40,9 +40,10 @@ class StepMetrics:
         return names, [self.sums[n.rsplit("/", 1)[0]][n.rsplit("/", 1)[1]] for n in names]
 
     def summarise(self, summed: dict[str, float], world_size: int) -> dict[str, float]:
-        """Per-target and overall metrics from values summed over ranks."""
+        """Per-target and overall metrics from values summed over ranks; `summed` may also hold the targets
+        of other pipeline stages (same names, same number of micro-batches)."""
         record: dict[str, float] = {}
-        paths = sorted(self.sums)
+        paths = sorted({name.rsplit("/", 1)[0] for name in summed})
         for path in paths:
             tokens = summed[f"{path}/tokens"]
             per_target = {

@@ -1,9 +1,14 @@
 """The training loop: truncated host forward -> FVU + AuxK per target -> backward through the SAEs only
--> summed data-parallel gradients -> Adam -> decoder renormalisation; checkpoints that resume exactly."""
+-> summed data-parallel gradients -> Adam -> decoder renormalisation; checkpoints that resume exactly.
+
+Under --pp each pipeline stage trains the SAEs on its own layers: every stage reads the same micro-batches,
+stage 0 runs the embeddings and hands each later stage the hidden state, and a stage that owns no target
+only relays it. The gradient norm, the metrics and the saved adapter cover all stages; the last stage,
+which always owns the last target, writes the adapter."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import random
 import signal
 import tempfile
@@ -11,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -18,10 +24,12 @@ from megasae.data import build_batches, open_source
 from megasae.eval.held_out import HeldOutEval
 from megasae.models import compile_blocks, load_host_model
 from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
-from megasae.parallel.adapter import full_state_dict, save_adapter, shard_saes, sharded_parameters
+from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
 from megasae.parallel.distributed import clip_grad_norm_
 from megasae.parallel.latents import shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
+from megasae.parallel.pipeline import PipelineStage, stage_targets
+from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from megasae.train.config import TrainConfig
@@ -74,9 +82,11 @@ class StopRequested:
 class Trainer:
     def __init__(self, cfg: TrainConfig, par: ParallelState | None = None):
         self.cfg = cfg
-        self.par = par or init_distributed(cfg.device, tp=cfg.tp)
-        if cfg.zero1 and self.par.tp_size > 1:
-            raise ValueError("--zero1 shards Adam's state over data-parallel ranks only; drop it with --tp > 1.")
+        self.par = par or init_distributed(cfg.device, tp=cfg.tp, pp=cfg.pp)
+        if cfg.zero1 and (self.par.tp_size > 1 or self.par.pp_size > 1):
+            raise ValueError("--zero1 shards Adam's state over data-parallel ranks only; drop it with --tp or --pp > 1.")
+        if cfg.eval_every > 0 and self.par.pp_size > 1:
+            raise ValueError("--eval-every does not run under --pp; evaluate the saved adapter with `megasae eval`.")
         self.micro_tokens = cfg.micro_batch_size * cfg.ctx_len
         per_step = self.micro_tokens * self.par.dp_size
         if cfg.batch_tokens % per_step:
@@ -96,7 +106,7 @@ class Trainer:
                          images_column=cfg.images_column, tokens=cfg.tokens)
         open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
         host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        if self.par.tp_size > 1:  # each rank reads only its slices, up to the last target layer
+        if self.par.tp_size > 1 or self.par.pp_size > 1:  # each rank reads only its slices of its stage's layers
             host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), self.par,
                                                              dtype=host_dtype)
         else:
@@ -111,23 +121,34 @@ class Trainer:
             ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
             messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
         ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
-        torch.manual_seed(cfg.seed)  # the same SAE init on every rank
-        self.model: PeftSaeModel = get_peft_sae_model(host, TopKSaeConfig(
+        self.sae_config = TopKSaeConfig(
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
             dead_tokens_threshold=cfg.dead_tokens_threshold,
-        ))
-        shard_saes(self.model, self.par.tp_group)  # the same init as one process, each TP rank keeping its latents
-        self.model.train()
-        if cfg.compile:
-            compile_blocks(self.model)
-        self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        lr = cfg.learning_rate(max(self.num_latents.values()))
-        self.optimizer = make_optimizer(self.params, lr, cfg.zero1, self.par.device)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_then_linear_decay(cfg.warmup_steps, self.steps)
         )
+        self.stage, targets = None, list(cfg.target_modules)
+        if self.par.pp_size > 1:
+            last_layer = max(target_layer(name) for name in targets)
+            self.stage = PipelineStage(host, self.par, last_layer)
+            targets = stage_targets(targets, last_layer, self.par)
+        self.host = host
+        torch.manual_seed(cfg.seed)  # each SAE's init derives from it (and its module path) on every rank
+        # A pipeline stage that owns no target has no SAE: it only relays the hidden state.
+        self.model: PeftSaeModel | None = get_peft_sae_model(
+            host, dataclasses.replace(self.sae_config, target_modules=targets)
+        ) if targets else None
+        self.num_latents, self.params = {}, []
+        if self.model is not None:
+            shard_saes(self.model, self.par.tp_group)  # the same init as one process, each TP rank keeping its latents
+            self.model.train()
+            if cfg.compile:
+                compile_blocks(self.model)
+            self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.lr = cfg.learning_rate(max(self._all_stages(self.num_latents).values()))
+        self.lr_factor = warmup_then_linear_decay(cfg.warmup_steps, self.steps)
+        self.optimizer = make_optimizer(self.params, self.lr, cfg.zero1, self.par.device) if self.params else None
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor) if self.params else None
         self.step = 0
         self.tokens = 0
         if cfg.resume:
@@ -142,23 +163,41 @@ class Trainer:
         for _ in range(self.accumulation):
             batch = next(self.batches)
             inputs = {k: v.to(self.par.device) for k, v in batch.inputs.items()}
-            with self.model.stop_after_targets(token_mask=batch.token_mask, outlier_factor=self.cfg.outlier_factor,
-                                               group=self.par.dp_group) as outputs:
-                self.model(**inputs)
-            loss = sum(out.loss for out in outputs.values()) / self.accumulation
-            loss.backward()
+            outputs = self._forward(inputs, batch.token_mask)
+            if outputs:
+                loss = sum(out.loss for out in outputs.values()) / self.accumulation
+                loss.backward()
             metrics.add(outputs, self.num_latents)
             tokens += batch.num_tokens
         sum_gradients(self.params, self.par.dp_group)
-        self.model.remove_parallel_decoder_grads()
+        if self.model is not None:
+            self.model.remove_parallel_decoder_grads()
         if self.cfg.grad_clip > 0:
-            clip_grad_norm_(self.params, self.cfg.grad_clip, sharded_parameters(self.model), self.par.tp_group)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.normalize_decoders()
+            sharded = sharded_parameters(self.model) if self.model is not None else set()
+            clip_grad_norm_(self.params, self.cfg.grad_clip, sharded, self.par.tp_group, self.par.pp_group,
+                            self.par.device)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.normalize_decoders()
         self.step += 1
         return metrics, tokens
+
+    def _forward(self, inputs: dict, token_mask: torch.Tensor) -> dict:
+        """One micro-batch through the host (this rank's pipeline stage of it): the SAE outputs of its targets."""
+        if self.model is None:  # a relay stage
+            self.stage.forward(self.host, **inputs)
+            return {}
+        options = dict(token_mask=token_mask, outlier_factor=self.cfg.outlier_factor, group=self.par.dp_group)
+        if self.stage is None:
+            with self.model.stop_after_targets(**options) as outputs:
+                self.model(**inputs)
+            return outputs
+        # A stage must run all its layers and hand the hidden state on: capture without stopping.
+        with self.model.capture(**options) as outputs:
+            self.stage.forward(self.model, **inputs)
+        return outputs
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -176,8 +215,8 @@ class Trainer:
             while self.step < self.steps:
                 metrics, tokens = self.train_step()
                 # One small all-reduce a step: the real token count and whether any rank was told to stop.
-                # Every rank votes; the ranks of a TP group read the same tokens, so only one counts them.
-                own_tokens = tokens if par.tp_rank == 0 else 0
+                # Every rank votes; the ranks of a TP group and of a pipeline read the same tokens: one counts them.
+                own_tokens = tokens if par.tp_rank == 0 and par.pp_rank == 0 else 0
                 tokens, stop_votes = sum_over_ranks([own_tokens, stop.requested], par.world_group, par.device)
                 self.tokens += int(tokens)
                 window_tokens += tokens
@@ -208,12 +247,20 @@ class Trainer:
 
     def _summarise(self, metrics: StepMetrics, tokens_per_s: float) -> dict:
         names, values = metrics.flat()
-        summed = dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device)))
+        summed = self._all_stages(dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device))))
         record = {"step": self.step, "tokens": self.tokens}
         record.update(metrics.summarise(summed, self.par.dp_size))
-        record["lr"] = self.schedule.get_last_lr()[0]
+        record["lr"] = self.lr * self.lr_factor(self.step)  # what the schedule set for the next step
         record["tokens_per_s"] = tokens_per_s
         return record
+
+    def _all_stages(self, mine: dict) -> dict:
+        """A dict keyed by target merged over the pipeline stages (a collective over the pipeline group)."""
+        if self.par.pp_group is None:
+            return mine
+        parts = [None] * self.par.pp_size
+        dist.all_gather_object(parts, mine, group=self.par.pp_group)
+        return {key: value for part in parts for key, value in part.items()}
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -222,24 +269,23 @@ class Trainer:
             self.optimizer.consolidate_state_dict(to=0)
             optimizer_state = self.optimizer.state_dict() if self.par.is_main else None
         else:
-            optimizer_state = self.optimizer.state_dict()
-        layers = sae_layers(self.model)
+            optimizer_state = self.optimizer.state_dict() if self.optimizer is not None else None
+        layers = sae_layers(self.model) if self.model is not None else []
         state = {
             "step": self.step,
             "tokens": self.tokens,
             "optimizer": optimizer_state,
-            "schedule": self.schedule.state_dict(),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "data": self.batches.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "dead_counters": {l.module_path: dict(l.sae_tokens_since_fired.items()) for l in layers},
             "needs_init": {l.module_path: dict(l.sae_needs_init) for l in layers},
         }
-        save = functools.partial(save_adapter, self.model, is_main=self.par.is_main)
-        return save_checkpoint(self.cfg.output_dir, self.step, self.par, save, state)
+        return save_checkpoint(self.cfg.output_dir, self.step, self.par, self._save_adapter, state)
 
     def _restore(self, checkpoint: Path) -> None:
         adapter = load_file(checkpoint / "adapter_model.safetensors")
-        own = {k: v for k, v in self.model.state_dict().items() if ".sae_" in k}
+        own = {k: v for k, v in self.model.state_dict().items() if ".sae_" in k} if self.model is not None else {}
         for key, param in own.items():
             saved_key = key.removesuffix(".default")
             if saved_key not in adapter:
@@ -249,12 +295,13 @@ class Trainer:
         state = load_trainer_state(checkpoint, self.par)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
             state["optimizer"] = self._broadcast_object(state["optimizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
         self.batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        for layer in sae_layers(self.model):
+        for layer in sae_layers(self.model) if self.model is not None else []:
             for adapter_name, counters in state["dead_counters"][layer.module_path].items():
                 layer.sae_tokens_since_fired[adapter_name].copy_(counters)
             layer.sae_needs_init.update(state["needs_init"][layer.module_path])
@@ -265,14 +312,40 @@ class Trainer:
         torch.distributed.broadcast_object_list(holder, src=0, group=self.par.dp_group)
         return holder[0]
 
+    @property
+    def writer_rank(self) -> int:
+        """The rank that writes the adapter: the first of the last pipeline stage, which always holds an SAE."""
+        return (self.par.pp_size - 1) * self.par.dp_size * self.par.tp_size
+
+    def _whole_adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """Every SAE tensor of every stage, whole, on the writer rank (None elsewhere). Every rank calls it:
+        latent-parallel SAEs gather their shards, and the stages send theirs to the writer."""
+        state = {}
+        if self.model is not None:
+            state = {key: t for key, t in full_state_dict(self.model).items() if ".sae_" in key}
+        if self.par.pp_group is not None and self.par.dp_rank == 0 and self.par.tp_rank == 0:
+            parts = [None] * self.par.pp_size if self.par.rank == self.writer_rank else None
+            dist.gather_object(state, parts, dst=self.writer_rank, group=self.par.pp_group)
+            if parts is not None:
+                state = {key: t for part in parts for key, t in part.items()}
+        return state if self.par.rank == self.writer_rank else None
+
+    def _save_adapter(self, directory: str | Path) -> None:
+        """The whole run's adapter (every target of every stage) as standard PEFT files in `directory`."""
+        state = self._whole_adapter_state()
+        if state is None:
+            return
+        self.model.save_pretrained(directory, state_dict=state)  # PEFT writes this stage's SAEs ...
+        if self.par.pp_size > 1:
+            add_stage_saes(directory, state, list(self.cfg.target_modules))  # ... and the other stages' join them
+
     def _save_final_adapter(self) -> None:
-        """The output directory ends as a standard PEFT adapter, each file replaced atomically; every rank
-        takes part (latent-parallel SAEs gather their shards) and rank 0 writes."""
-        state = full_state_dict(self.model)
-        if not self.par.is_main:
+        """The output directory ends as a standard PEFT adapter, each file replaced atomically."""
+        if self.par.rank != self.writer_rank:
+            self._whole_adapter_state()
             return
         with tempfile.TemporaryDirectory(dir=self.cfg.output_dir) as tmp:
-            self.model.save_pretrained(tmp, state_dict=state)
+            self._save_adapter(tmp)
             for name in ADAPTER_FILES:
                 Path(tmp, name).replace(self.cfg.output_dir / name)
 

@@ -1,0 +1,79 @@
+"""`megasae train --pp 2`: the host's layers split over two pipeline stages (and over TP = 2 x PP = 2 on four
+ranks) train the same adapter, and log the same metrics, as one process; a stage that owns no target relays
+the hidden state. fp32, 4 Adam steps; tolerance rtol 1e-4, atol 1e-4 as for TP (the gradient-norm all-reduce
+reorders a sum). Resuming restores each stage's SAEs and Adam state exactly."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megasae.parallel import ParallelState
+from megasae.train import Trainer
+
+from distributed import run_ranks
+from test_parallel_train import _config, text_rows
+
+
+def _train_and_resume_rank(rank, world_size, cfg):
+    trainer = Trainer(cfg)
+    trainer.fit()
+    resumed = Trainer(dataclasses.replace(cfg, resume=True))
+    assert resumed.step == trainer.step
+    for mine, restored in zip(trainer.params, resumed.params, strict=True):
+        assert torch.equal(mine, restored)
+    if trainer.optimizer is not None:
+        for mine, restored in zip(trainer.optimizer.state.values(), resumed.optimizer.state.values(), strict=True):
+            assert torch.equal(mine["exp_avg"], restored["exp_avg"])
+
+
+def records(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one, split):
+    expected, got = load_file(one / "adapter_model.safetensors"), load_file(split / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+    config = lambda d: json.loads((d / "adapter_config.json").read_text())
+    assert sorted(config(split)["target_modules"]) == sorted(config(one)["target_modules"])
+    for want, have in zip(records(one), records(split), strict=True):
+        assert have.keys() == want.keys()
+        for key in want:
+            if key != "tokens_per_s":
+                assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [("model.layers.0", "model.layers.2"), ("model.layers.2",)],
+    ids=["an-sae-per-stage", "stage-0-relays"],
+)
+def test_pp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path, targets):
+    data = text_rows(tmp_path / "text.parquet")
+    Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets)).fit()
+    run_ranks(_train_and_resume_rank, 2, _config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2))
+    assert_same_run(tmp_path / "one", tmp_path / "pp2")
+
+
+def test_tp2_pp2_on_four_ranks(host_dir, tmp_path):
+    targets = ("model.layers.0", "model.layers.2")
+    data = text_rows(tmp_path / "text.parquet")
+    Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets)).fit()
+    run_ranks(_train_and_resume_rank, 4, _config(host_dir, data, tmp_path / "tp2pp2", target_modules=targets,
+                                                 tp=2, pp=2))
+    assert_same_run(tmp_path / "one", tmp_path / "tp2pp2")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(eval_every=1, eval_data="builtin"), "--eval-every does not run under --pp"),
+     (dict(zero1=True), "--zero1 shards Adam's state over data-parallel ranks only")],
+)
+def test_what_pp_does_not_run_is_refused_up_front(host_dir, tmp_path, overrides, message):
+    par = ParallelState(world_size=2, pp_size=2)  # rank 0 of two stages; nothing is communicated before the check
+    with pytest.raises(ValueError, match=message):
+        Trainer(_config(host_dir, tmp_path / "unread.parquet", tmp_path / "out", pp=2, **overrides), par=par)
