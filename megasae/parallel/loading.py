@@ -6,6 +6,11 @@ exactly the slice this rank holds (`safe_open(...).get_slice(name)[rows]`): no r
 weight it does not keep. For training, only the decoder layers up to the last target are built and the
 LM head stays on the meta device, unread: the forward stops after the last target. For evaluation, which
 runs the host to its logits, every layer is built and the LM head is read whole on every rank.
+
+With pipeline parallelism a rank builds only its stage's decoder layers (the others are `nn.Identity()`
+before any weight is read), so no rank ever holds the whole model. Stage 0 also reads what runs before the
+layers (embedding, vision tower); later stages, which receive the hidden state from the stage before,
+read nothing but their layers.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from megasae.models.loading import _attn_implementation, _is_image_text, hf_model_dir, load_processor
 from megasae.parallel.distributed import ParallelState
-from megasae.parallel.plans import target_layer
+from megasae.parallel.plans import DECODER_LAYERS, stage_layers, target_layer
 from megasae.parallel.shard import Slice, shard_model
 
 # Checkpoints written before transformers 5 name Qwen2.5-VL's modules as the model did then:
@@ -65,6 +70,26 @@ def _read(file: Path, name: str, piece: Slice | None) -> torch.Tensor:
         return sliced[rows] if piece.dim == 0 else sliced[:, rows]
 
 
+def _keep_only(model: nn.Module, layers: range) -> None:
+    """Replace every decoder layer outside `layers` by nn.Identity(); from a later stage (layers not
+    starting at 0) also every module with parameters beside the path to the decoder layers: embedding,
+    vision tower, final norm and LM head. Replaced rather than left on the meta device, so that all the
+    parameters such a stage has are real ones (`model.parameters()`, `.to()`, `model.device` stay sound)."""
+    path = DECODER_LAYERS[model.config.model_type]
+    decoder = model.get_submodule(path)
+    for i in range(len(decoder)):
+        if i not in layers:
+            decoder[i] = nn.Identity()
+    if layers.start == 0:
+        return
+    names = path.split(".")
+    for depth, on_path in enumerate(names):
+        parent = model.get_submodule(".".join(names[:depth]))
+        for name, child in list(parent.named_children()):
+            if name != on_path and next(child.parameters(), None) is not None:
+                setattr(parent, name, nn.Identity())
+
+
 def load_sharded_host(
     path: str | Path,
     target_modules: list[str] | None,
@@ -72,11 +97,14 @@ def load_sharded_host(
     rank: int,
     tp: int,
     *,
+    layers: range | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """The host of `path` holding this TP rank's slices: truncated after the last target's decoder layer,
-    or, with no `target_modules`, whole with a replicated LM head."""
+    or, with no `target_modules`, whole with a replicated LM head. With `layers` (a pipeline stage's
+    decoder layers, `stage_layers(...)[pp_rank]`), only those layers are read, and what precedes them only
+    on the first stage; the other modules are nn.Identity() (see `_keep_only`)."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config()
@@ -94,7 +122,9 @@ def load_sharded_host(
             config, dtype=dtype, attn_implementation=_attn_implementation(torch.device(device))
         )
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    split = shard_model(model, group, rank, tp)
+    split = shard_model(model, group, rank, tp)  # on the meta device: costs nothing for dropped modules
+    if layers is not None:
+        _keep_only(model, layers)
     files = _weight_files(path)
     for name, param in list(model.named_parameters()):
         if target_modules is not None and name.startswith(UNREAD):
@@ -121,9 +151,21 @@ def load_host_tensor_parallel(
     dtype: torch.dtype = torch.float32,
 ):
     """`megasae.models.load_host_model` for a TP rank: (this rank's sharded host, processor); truncated after
-    the last of `target_modules`, or whole (LM head replicated) when they are None."""
+    the last of `target_modules`, or whole (LM head replicated) when they are None. With pp > 1 (and
+    targets), only this rank's pipeline stage is read: give the host to `PipelineStage`."""
     model_dir = hf_model_dir(path)
+    layers = None
+    if par.pp_size > 1 and target_modules is not None:
+        last = max(target_layer(name) for name in target_modules)
+        layers = stage_layers(last + 1, par.pp_size)[par.pp_rank]
     model = load_sharded_host(
-        model_dir, target_modules, par.tp_group, par.tp_rank, par.tp_size, dtype=dtype, device=par.device
+        model_dir,
+        target_modules,
+        par.tp_group,
+        par.tp_rank,
+        par.tp_size,
+        layers=layers,
+        dtype=dtype,
+        device=par.device,
     )
     return model, load_processor(model_dir, model.config)
