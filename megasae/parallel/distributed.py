@@ -164,10 +164,11 @@ def clip_grad_norm_(
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]
     zero = torch.zeros((), device=device)
-    split = sum((p.grad.float().pow(2).sum() for p in params if p.grad is not None and id(p) in sharded), zero)
+    squares = [(id(p) in sharded, p.grad.float().pow(2).sum()) for p in params if p.grad is not None]
+    split = sum((square for is_split, square in squares if is_split), zero)
     if tp_group is not None:
         dist.all_reduce(split, group=tp_group)
-    square = split + sum((p.grad.float().pow(2).sum() for p in params if p.grad is not None and id(p) not in sharded), zero)
+    square = split + sum((square for is_split, square in squares if not is_split), zero)
     if pp_group is not None:
         dist.all_reduce(square, group=pp_group)
     total = square.sqrt()

@@ -60,7 +60,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing
         tmp.mkdir(parents=True)
     barrier(par.world_group)
-    save_adapter(tmp)  # every rank: latent-parallel SAEs gather their shards, pipeline stages send theirs; one rank writes
+    save_adapter(tmp)  # every rank: SAE shards and pipeline stages are gathered, one rank writes
     torch.save(trainer_state, tmp / f"trainer-rank{par.rank}.pt")
     barrier(par.world_group)
     if par.is_main:

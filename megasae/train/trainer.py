@@ -84,9 +84,13 @@ class Trainer:
         self.cfg = cfg
         self.par = par or init_distributed(cfg.device, tp=cfg.tp, pp=cfg.pp)
         if cfg.zero1 and (self.par.tp_size > 1 or self.par.pp_size > 1):
-            raise ValueError("--zero1 shards Adam's state over data-parallel ranks only; drop it with --tp or --pp > 1.")
+            raise ValueError(
+                "--zero1 shards Adam's state over data-parallel ranks only; drop it with --tp or --pp > 1."
+            )
         if cfg.eval_every > 0 and self.par.pp_size > 1:
-            raise ValueError("--eval-every does not run under --pp; evaluate the saved adapter with `megasae eval`.")
+            raise ValueError(
+                "--eval-every does not run under --pp; evaluate the saved adapter with `megasae eval`."
+            )
         self.micro_tokens = cfg.micro_batch_size * cfg.ctx_len
         per_step = self.micro_tokens * self.par.dp_size
         if cfg.batch_tokens % per_step:
@@ -106,7 +110,7 @@ class Trainer:
                          images_column=cfg.images_column, tokens=cfg.tokens)
         open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
         host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        if self.par.tp_size > 1 or self.par.pp_size > 1:  # each rank reads only its slices of its stage's layers
+        if self.par.tp_size > 1 or self.par.pp_size > 1:  # each rank reads its slices of its stage's layers
             host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), self.par,
                                                              dtype=host_dtype)
         else:
@@ -139,7 +143,7 @@ class Trainer:
         ) if targets else None
         self.num_latents, self.params = {}, []
         if self.model is not None:
-            shard_saes(self.model, self.par.tp_group)  # the same init as one process, each TP rank keeping its latents
+            shard_saes(self.model, self.par.tp_group)  # one process's init, each TP rank keeping its latents
             self.model.train()
             if cfg.compile:
                 compile_blocks(self.model)
@@ -147,8 +151,10 @@ class Trainer:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = cfg.learning_rate(max(self._all_stages(self.num_latents).values()))
         self.lr_factor = warmup_then_linear_decay(cfg.warmup_steps, self.steps)
-        self.optimizer = make_optimizer(self.params, self.lr, cfg.zero1, self.par.device) if self.params else None
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor) if self.params else None
+        self.optimizer, self.schedule = None, None
+        if self.params:
+            self.optimizer = make_optimizer(self.params, self.lr, cfg.zero1, self.par.device)
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
         self.tokens = 0
         if cfg.resume:
@@ -185,7 +191,7 @@ class Trainer:
         return metrics, tokens
 
     def _forward(self, inputs: dict, token_mask: torch.Tensor) -> dict:
-        """One micro-batch through the host (this rank's pipeline stage of it): the SAE outputs of its targets."""
+        """One micro-batch through the host (this rank's stage of it): the SAE outputs of its targets."""
         if self.model is None:  # a relay stage
             self.stage.forward(self.host, **inputs)
             return {}
@@ -215,7 +221,7 @@ class Trainer:
             while self.step < self.steps:
                 metrics, tokens = self.train_step()
                 # One small all-reduce a step: the real token count and whether any rank was told to stop.
-                # Every rank votes; the ranks of a TP group and of a pipeline read the same tokens: one counts them.
+                # Every rank votes; the ranks of a TP group or a pipeline read the same tokens: one counts.
                 own_tokens = tokens if par.tp_rank == 0 and par.pp_rank == 0 else 0
                 tokens, stop_votes = sum_over_ranks([own_tokens, stop.requested], par.world_group, par.device)
                 self.tokens += int(tokens)
@@ -247,7 +253,8 @@ class Trainer:
 
     def _summarise(self, metrics: StepMetrics, tokens_per_s: float) -> dict:
         names, values = metrics.flat()
-        summed = self._all_stages(dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device))))
+        summed = dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device)))
+        summed = self._all_stages(summed)
         record = {"step": self.step, "tokens": self.tokens}
         record.update(metrics.summarise(summed, self.par.dp_size))
         record["lr"] = self.lr * self.lr_factor(self.step)  # what the schedule set for the next step
@@ -285,7 +292,9 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         adapter = load_file(checkpoint / "adapter_model.safetensors")
-        own = {k: v for k, v in self.model.state_dict().items() if ".sae_" in k} if self.model is not None else {}
+        own = {}
+        if self.model is not None:
+            own = {k: v for k, v in self.model.state_dict().items() if ".sae_" in k}
         for key, param in own.items():
             saved_key = key.removesuffix(".default")
             if saved_key not in adapter:
@@ -314,7 +323,7 @@ class Trainer:
 
     @property
     def writer_rank(self) -> int:
-        """The rank that writes the adapter: the first of the last pipeline stage, which always holds an SAE."""
+        """The rank that writes the adapter: the first of the last stage, which always holds an SAE."""
         return (self.par.pp_size - 1) * self.par.dp_size * self.par.tp_size
 
     def _whole_adapter_state(self) -> dict[str, torch.Tensor] | None:
@@ -337,7 +346,7 @@ class Trainer:
             return
         self.model.save_pretrained(directory, state_dict=state)  # PEFT writes this stage's SAEs ...
         if self.par.pp_size > 1:
-            add_stage_saes(directory, state, list(self.cfg.target_modules))  # ... and the other stages' join them
+            add_stage_saes(directory, state, list(self.cfg.target_modules))  # ... and the other stages' join
 
     def _save_final_adapter(self) -> None:
         """The output directory ends as a standard PEFT adapter, each file replaced atomically."""
