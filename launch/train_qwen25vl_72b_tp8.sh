@@ -10,7 +10,7 @@ shift 2
 exec env NPROC_PER_NODE=8 bash "$(dirname "$0")/train_multinode.sh" --tp 8 \
     --model "$MODEL" --data "$DATA" \
     --target-modules model.language_model.layers.40 \
-    --dtype bfloat16 --k 64 --num-latents 131072 \
+    --dtype bfloat16 --sae-compute-dtype bfloat16 --k 64 --num-latents 131072 \
     --ctx-len 2048 --micro-batch-size 2 --batch-tokens 131072 \
     --max-tokens 500000000 --save-every 50000000 \
     --output-dir runs/qwen25vl-72b-l40-tp8 "$@"

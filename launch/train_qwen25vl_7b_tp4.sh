@@ -9,7 +9,7 @@ shift 2
 exec torchrun --standalone --nproc-per-node "${NPROC_PER_NODE:-8}" -m megasae train --tp 4 \
     --model "$MODEL" --data "$DATA" \
     --target-modules model.language_model.layers.14 \
-    --dtype bfloat16 --k 64 --expansion-factor 32 \
+    --dtype bfloat16 --sae-compute-dtype bfloat16 --k 64 --expansion-factor 32 \
     --ctx-len 2048 --micro-batch-size 2 --batch-tokens 131072 \
     --max-tokens 500000000 --save-every 50000000 \
     --output-dir runs/qwen25vl-7b-l14-tp4 "$@"

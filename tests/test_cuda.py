@@ -54,10 +54,12 @@ def test_fp32_training_on_cuda_follows_the_cpu_run(host_dir, words_data, tmp_pat
         assert cosine > 0.99, name
 
 
-def test_bf16_training_on_cuda_learns(host_dir, words_data, tmp_path):
-    records, weights = train(host_dir, words_data, tmp_path / "bf16", "cuda", dtype="bfloat16")
+@pytest.mark.parametrize("sae_compute_dtype", ["float32", "bfloat16"])
+def test_bf16_training_on_cuda_learns(host_dir, words_data, tmp_path, sae_compute_dtype):
+    records, weights = train(host_dir, words_data, tmp_path / "bf16", "cuda", dtype="bfloat16",
+                             sae_compute_dtype=sae_compute_dtype)
     assert records[-1]["fvu"] < 0.9 * records[0]["fvu"]
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
 def test_eval_on_cuda_equals_eval_on_cpu(host_dir, words_data, tmp_path):

@@ -70,6 +70,8 @@ def test_k_above_num_latents():
 def test_bad_sae_dtype():
     with pytest.raises(ValueError, match="sae_dtype must be one of"):
         TopKSaeConfig(k=2, target_modules=["up"], sae_dtype="float16")
+    with pytest.raises(ValueError, match="compute_dtype must be None or one of"):
+        TopKSaeConfig(k=2, target_modules=["up"], compute_dtype="float16")
 
 
 def test_adapter_that_does_not_fit_names_key_and_shapes(tmp_path):

@@ -210,6 +210,36 @@ def test_sae_weights_are_fp32_on_a_bf16_host_with_a_bf16_option():
     assert bf16.get_base_model().model.layers[0].sae_W_dec["default"].dtype == torch.bfloat16
 
 
+def test_bf16_compute_over_fp32_weights_follows_the_fp32_step():
+    """Mixed precision: the SAE step runs on bf16 casts of its float32 weights, whose gradients land in float32.
+    Against the float32 step on the same weights: a near-tie may pick another latent now and then (bf16 keeps 8
+    bits of mantissa), so the selections agree on most slots and FVU and gradients to bf16's precision."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+
+    def step(compute_dtype):
+        torch.manual_seed(1)
+        model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=4, num_latents=64, target_modules=["down"],
+                                                                compute_dtype=compute_dtype))
+        layer = model.get_base_model().down
+        model.train()
+        with model.capture() as outputs:
+            model(x)
+        outputs["down"].loss.backward()
+        return outputs["down"], layer
+
+    mixed, layer = step("bfloat16")
+    assert mixed.x_hat.dtype == torch.bfloat16
+    for weights in (layer.sae_W_enc, layer.sae_b_enc, layer.sae_W_dec, layer.sae_b_dec):
+        assert weights["default"].dtype == weights["default"].grad.dtype == torch.float32
+    fp32, reference = step(None)
+    same = (mixed.indices.sort(-1).values == fp32.indices.sort(-1).values).float().mean()
+    assert same > 0.95
+    assert mixed.fvu.item() == pytest.approx(fp32.fvu.item(), rel=1e-2)
+    for name in ("sae_W_enc", "sae_W_dec", "sae_b_dec"):
+        a, b = getattr(layer, name)["default"].grad, getattr(reference, name)["default"].grad
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99, name
+
+
 def test_training_loop_lowers_fvu_and_keeps_decoder_rows_unit_norm():
     torch.manual_seed(0)
     model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=4, num_latents=64, target_modules=["down"]))

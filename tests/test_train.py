@@ -63,6 +63,19 @@ def test_train_writes_a_loadable_adapter_metrics_and_config(host_dir, text_data,
     assert json.loads((out / "config.json").read_text())["k"] == 4
 
 
+def test_bf16_compute_trains_float32_weights(host_dir, text_data, tmp_path):
+    """--sae-compute-dtype bfloat16: the steps run in bf16, the adapter (and Adam) stay float32, and the run
+    follows the float32 one."""
+    fp32, mixed = tmp_path / "fp32", tmp_path / "mixed"
+    Trainer(config(host_dir, text_data, fp32)).fit()
+    Trainer(config(host_dir, text_data, mixed, sae_compute_dtype="bfloat16")).fit()
+    weights = adapter_tensors(mixed)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert json.loads((mixed / "adapter_config.json").read_text())["compute_dtype"] == "bfloat16"
+    final = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["fvu"]
+    assert final(mixed) == pytest.approx(final(fp32), rel=0.05)
+
+
 def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Trainer:
     """Run, sending this process SIGTERM right after step `stop_step`, as a scheduler would."""
     trainer = Trainer(cfg)

@@ -58,6 +58,11 @@ class TopKSaeConfig(PeftConfig):
     sae_dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata={"help": "dtype of the SAE weights, independent of the host's."}
     )
+    compute_dtype: Literal["float32", "bfloat16"] | None = field(
+        default=None,
+        metadata={"help": "dtype the SAE computes in (None: sae_dtype's). bfloat16 over float32 weights is mixed "
+                  "precision: bf16 products on tensor cores, float32 weights, gradients and Adam state."},
+    )
     init_sae_weights: bool = field(
         default=True, metadata={"help": "False skips the random init, for weights about to be loaded."}
     )
@@ -83,7 +88,15 @@ class TopKSaeConfig(PeftConfig):
             raise ValueError(f"auxk_alpha must be non-negative, got {self.auxk_alpha}.")
         if self.sae_dtype not in SAE_DTYPES:
             raise ValueError(f"sae_dtype must be one of {sorted(SAE_DTYPES)}, got {self.sae_dtype!r}.")
+        if self.compute_dtype is not None and self.compute_dtype not in SAE_DTYPES:
+            raise ValueError(
+                f"compute_dtype must be None or one of {sorted(SAE_DTYPES)}, got {self.compute_dtype!r}."
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return SAE_DTYPES[self.sae_dtype]
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return SAE_DTYPES[self.compute_dtype or self.sae_dtype]

@@ -64,6 +64,7 @@ class SaeSpec:
     auxk_alpha: float
     dead_tokens_threshold: int
     transcode: bool
+    compute_dtype: torch.dtype
 
 
 def module_widths(module: nn.Module, module_path: str) -> tuple[int, int]:
@@ -179,6 +180,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             auxk_alpha=config.auxk_alpha,
             dead_tokens_threshold=config.dead_tokens_threshold,
             transcode=config.transcode,
+            compute_dtype=config.torch_compute_dtype,
         )
         self.sae_tokens_since_fired[adapter_name] = torch.zeros(num_latents, dtype=torch.long, device=device)
         self.sae_needs_init[adapter_name] = config.init_sae_weights
@@ -245,24 +247,26 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             return False
         return self.sae_mode == "splice" or not self.training
 
-    def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
-        rows = sae_in.flatten(0, -2).to(self.sae_W_enc[adapter].dtype)
-        values, indices = self._encode(adapter, rows)
-        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter], self.latent_group)
-        return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
-
-    def _encode(self, adapter: str, rows: Tensor, dead_mask: Tensor | None = None, k: int | None = None):
-        spec = self.sae_spec[adapter]
-        pre_bias = None if spec.transcode else self.sae_b_dec[adapter]
-        return sae.encode(
-            rows, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias, k or spec.k, dead_mask,
-            self.latent_group,
+    def _weights(self, adapter: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """(W_enc, b_enc, W_dec, b_dec, the encoder's pre-bias) in the compute dtype: casts that autograd
+        carries back to the stored weights (no copy when the dtypes agree)."""
+        dtype = self.sae_spec[adapter].compute_dtype
+        W_enc, b_enc, W_dec, b_dec = (
+            getattr(self, name)[adapter].to(dtype) for name in ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
         )
+        return W_enc, b_enc, W_dec, b_dec, None if self.sae_spec[adapter].transcode else b_dec
+
+    def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
+        W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
+        rows = sae_in.flatten(0, -2).to(W_enc.dtype)
+        values, indices = sae.encode(rows, W_enc, b_enc, pre_bias, self.sae_spec[adapter].k, None, self.latent_group)
+        x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
+        return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
 
     def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> None:
         session = self.capture_session
         group = session.group if session is not None else None
-        dtype = self.sae_W_enc[adapter].dtype
+        dtype = self.sae_spec[adapter].compute_dtype
         # The host is data: no gradient flows back into it while capturing.
         x = sae_in.detach().flatten(0, -2)
         keep = _rows_to_read(x, self.module_path, sae_in.shape[:-1], session)
@@ -294,17 +298,16 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
 
     def _losses(self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]
-        values, indices = self._encode(adapter, x)
-        x_hat = sae.decode(values, indices, self.sae_W_dec[adapter], self.sae_b_dec[adapter], self.latent_group)
+        W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
+        values, indices = sae.encode(x, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group)
+        x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         total_var = sae.total_variance(target, group)
         fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
         dead_mask = self.sae_tokens_since_fired[adapter] >= spec.dead_tokens_threshold
         auxk = torch.zeros_like(fvu)
         if spec.auxk_alpha > 0 and torch.is_grad_enabled():
-            pre_bias = None if spec.transcode else self.sae_b_dec[adapter]
             auxk = sae.auxk_loss(
-                x, target - x_hat, self.sae_W_enc[adapter], self.sae_b_enc[adapter], pre_bias,
-                self.sae_W_dec[adapter], dead_mask, spec.k_aux, total_var, self.latent_group,
+                x, target - x_hat, W_enc, b_enc, pre_bias, W_dec, dead_mask, spec.k_aux, total_var, self.latent_group
             )
         return sae.SaeOutput(
             x=x, target=target, x_hat=x_hat, values=values, indices=indices, fvu=fvu, auxk=auxk,

@@ -51,7 +51,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the SAE gradients' global norm to this; 0 turns clipping off."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the host model (the SAEs train in float32)."""
+    """dtype of the host model (the SAEs' weights, gradients and Adam state are float32)."""
+    sae_compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype the SAEs compute in: bfloat16 is mixed precision (bf16 products on tensor cores over the float32
+    weights), the GPU's fast path; see BENCHMARKS.md for the step times."""
     compile: bool = False
     """torch.compile the host's transformer layers one by one: a faster host forward after a one-off
     compile in the first step."""

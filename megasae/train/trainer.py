@@ -128,7 +128,7 @@ class Trainer:
         self.sae_config = TopKSaeConfig(
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
-            dead_tokens_threshold=cfg.dead_tokens_threshold,
+            dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
         )
         self.stage, targets = None, list(cfg.target_modules)
         if self.par.pp_size > 1:
