@@ -1,7 +1,8 @@
 """Slice-reading loading: each of two gloo ranks reads only its slices of the safetensors files, up to the
 last target layer, and gives the single-process hidden states (fp32; rtol 1e-5, atol 1e-5). Under pipeline
 parallelism (PP 2, TP 2 x PP 2) each rank reads only its stage's decoder layers, later stages nothing
-before them (embedding, vision tower), and every stage gives the single-process hidden state."""
+before them (embedding, vision tower), and every stage gives the single-process hidden state; loaded for
+evaluation (to the logits) the final norm and LM head are on the last stage only."""
 
 import re
 
@@ -125,6 +126,11 @@ def _stage_rank(rank, world_size, path, tp, inputs, expected):
         hidden = stage.forward(model, **inputs)
     torch.testing.assert_close(hidden, expected[par.pp_rank], **TOLERANCE)
     assert outputs[target].x_hat.shape == (int(inputs["attention_mask"].sum()), 64)
+    # Loaded for evaluation (to the logits): the last stage, not the first, holds the final norm and LM head.
+    whole, _ = load_host_tensor_parallel(path, None, par)
+    tail = {"model.norm", "lm_head"} if par.pp_rank == 1 else {"model.embed_tokens"}
+    assert _owners(whole, "model.layers") == set(mine) | tail
+    assert not any(p.is_meta for p in whole.parameters())
 
 
 def _save_four_layer_llama(path):

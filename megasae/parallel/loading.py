@@ -10,7 +10,8 @@ runs the host to its logits, every layer is built and the LM head is read whole 
 With pipeline parallelism a rank builds only its stage's decoder layers (the others are `nn.Identity()`
 before any weight is read), so no rank ever holds the whole model. Stage 0 also reads what runs before the
 layers (embedding, vision tower); later stages, which receive the hidden state from the stage before,
-read nothing but their layers.
+read nothing but their layers. For evaluation the stages split every layer, and the last stage alone
+reads what runs after them (final norm, LM head).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from megasae.models.loading import _attn_implementation, _is_image_text, hf_model_dir, load_processor
 from megasae.parallel.distributed import ParallelState
+from megasae.parallel.pipeline import tail_modules
 from megasae.parallel.plans import DECODER_LAYERS, stage_layers, target_layer
 from megasae.parallel.shard import Slice, shard_model
 
@@ -70,23 +72,27 @@ def _read(file: Path, name: str, piece: Slice | None) -> torch.Tensor:
         return sliced[rows] if piece.dim == 0 else sliced[:, rows]
 
 
-def _keep_only(model: nn.Module, layers: range) -> None:
+def _keep_only(model: nn.Module, layers: range, to_logits: bool) -> None:
     """Replace every decoder layer outside `layers` by nn.Identity(); from a later stage (layers not
     starting at 0) also every module with parameters beside the path to the decoder layers: embedding,
-    vision tower, final norm and LM head. Replaced rather than left on the meta device, so that all the
-    parameters such a stage has are real ones (`model.parameters()`, `.to()`, `model.device` stay sound)."""
+    vision tower, final norm and LM head. With `to_logits` (the host runs to its logits) the final norm and
+    LM head are kept by the last stage (layers ending with the decoder's) instead, and by no other.
+    Replaced rather than left on the meta device, so that all the parameters such a stage has are real ones
+    (`model.parameters()`, `.to()`, `model.device` stay sound)."""
     path = DECODER_LAYERS[model.config.model_type]
     decoder = model.get_submodule(path)
+    tail = set(tail_modules(model)) if to_logits else set()
+    first, last = layers.start == 0, layers.stop == len(decoder)
     for i in range(len(decoder)):
         if i not in layers:
             decoder[i] = nn.Identity()
-    if layers.start == 0:
-        return
     names = path.split(".")
     for depth, on_path in enumerate(names):
         parent = model.get_submodule(".".join(names[:depth]))
         for name, child in list(parent.named_children()):
-            if name != on_path and next(child.parameters(), None) is not None:
+            if name == on_path or next(child.parameters(), None) is None:
+                continue
+            if not (last if child in tail else first):
                 setattr(parent, name, nn.Identity())
 
 
@@ -103,8 +109,9 @@ def load_sharded_host(
 ) -> nn.Module:
     """The host of `path` holding this TP rank's slices: truncated after the last target's decoder layer,
     or, with no `target_modules`, whole with a replicated LM head. With `layers` (a pipeline stage's
-    decoder layers, `stage_layers(...)[pp_rank]`), only those layers are read, and what precedes them only
-    on the first stage; the other modules are nn.Identity() (see `_keep_only`)."""
+    decoder layers, `stage_layers(...)[pp_rank]`), only those layers are read, what precedes them only on
+    the first stage and, with no `target_modules`, the final norm and LM head only on the last; the other
+    modules are nn.Identity() (see `_keep_only`)."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config()
@@ -124,7 +131,7 @@ def load_sharded_host(
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     split = shard_model(model, group, rank, tp)  # on the meta device: costs nothing for dropped modules
     if layers is not None:
-        _keep_only(model, layers)
+        _keep_only(model, layers, to_logits=target_modules is None)
     files = _weight_files(path)
     for name, param in list(model.named_parameters()):
         if target_modules is not None and name.startswith(UNREAD):
@@ -143,6 +150,13 @@ def load_sharded_host(
     return model.eval().requires_grad_(False)
 
 
+def _pipelined_layers(model_dir: Path, target_modules: list[str] | None) -> int:
+    """How many decoder layers the pipeline splits: up to the last target, or all to reach the logits."""
+    if target_modules is None:
+        return AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
+    return max(target_layer(name) for name in target_modules) + 1
+
+
 def load_host_tensor_parallel(
     path: str | Path | None,
     target_modules: list[str] | None,
@@ -151,13 +165,13 @@ def load_host_tensor_parallel(
     dtype: torch.dtype = torch.float32,
 ):
     """`megasae.models.load_host_model` for a TP rank: (this rank's sharded host, processor); truncated after
-    the last of `target_modules`, or whole (LM head replicated) when they are None. With pp > 1 (and
-    targets), only this rank's pipeline stage is read: give the host to `PipelineStage`."""
+    the last of `target_modules`, or whole (LM head replicated) when they are None. With pp > 1 only this
+    rank's pipeline stage is read (of the layers up to the last target, or of all of them): give the host
+    to `PipelineStage`."""
     model_dir = hf_model_dir(path)
     layers = None
-    if par.pp_size > 1 and target_modules is not None:
-        last = max(target_layer(name) for name in target_modules)
-        layers = stage_layers(last + 1, par.pp_size)[par.pp_rank]
+    if par.pp_size > 1:
+        layers = stage_layers(_pipelined_layers(model_dir, target_modules), par.pp_size)[par.pp_rank]
     model = load_sharded_host(
         model_dir,
         target_modules,

@@ -8,6 +8,9 @@ its own layers exactly as the host would. The host is frozen and runs forward on
 micro-batches needs no schedule, each stage sending as soon as it has computed (bubble (P-1)/(m+P-1)).
 
 An SAE lives on the stage that owns its target: attach SAEs to `stage_targets(...)` only.
+
+Evaluation runs the host to its logits: the stages then cover every decoder layer, and the last one also
+runs what the host runs after them (`tail_modules`: the final norm and the LM head), see `logits`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ def stage_targets(target_modules: list[str], last_layer: int, par: ParallelState
     return [name for name in target_modules if target_layer(name) in mine]
 
 
+def tail_modules(host: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """What the host runs after its decoder layers: the final norm (named `norm`, beside the layers, in every
+    architecture of DECODER_LAYERS) and the LM head."""
+    decoder = DECODER_LAYERS[host.config.model_type]
+    return host.get_submodule(f"{decoder.rpartition('.')[0]}.norm"), host.get_output_embeddings()
+
+
 def _hidden(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -59,11 +69,13 @@ class PipelineStage:
         plan_for(host.config)  # a clear error for unsupported architectures
         self.host = host
         self.layers: nn.ModuleList = host.get_submodule(DECODER_LAYERS[host.config.model_type])
-        self.mine = stage_layers(last_layer + 1, par.pp_size)[par.pp_rank]
+        self.stages = stage_layers(last_layer + 1, par.pp_size)
+        self.mine = self.stages[par.pp_rank]
         self.index, self.count = par.pp_rank, par.pp_size
         self.device = par.device
-        stride = par.world_size // par.pp_size  # pipeline is the outermost dimension of the rank layout
-        self.prev, self.next = par.rank - stride, par.rank + stride
+        self.rank = par.rank
+        self.stride = par.world_size // par.pp_size  # pipeline is the outermost dimension of the rank layout
+        self.prev, self.next = par.rank - self.stride, par.rank + self.stride
         for i in range(len(self.layers)):
             if i not in self.mine:
                 self.layers[i] = nn.Identity()  # frees the other stages' weights
@@ -71,6 +83,11 @@ class PipelineStage:
     @property
     def is_last(self) -> bool:
         return self.index == self.count - 1
+
+    def owner(self, module_path: str) -> int:
+        """The rank in the stage owning target `module_path` at this rank's place there (the same TP rank)."""
+        stage = next(s for s, layers in enumerate(self.stages) if target_layer(module_path) in layers)
+        return self.rank + self.stride * (stage - self.index)
 
     def forward(self, model: nn.Module, **inputs) -> Tensor | None:
         """Run one micro-batch through this stage's layers; returns the hidden state after them, or None
@@ -87,6 +104,16 @@ class PipelineStage:
         if not self.is_last:
             self._send(hidden, kwargs)
         return hidden
+
+    def logits(self, model: nn.Module, **inputs) -> Tensor | None:
+        """`forward` through a host split over all its decoder layers, then, on the last stage, its final norm
+        and LM head: the host's logits there, None on the other stages. The host must have been loaded to
+        its logits (`load_host_tensor_parallel(path, None, par)`: the last stage holds the tail)."""
+        hidden = self.forward(model, **inputs)
+        if not self.is_last:
+            return None
+        norm, head = tail_modules(self.host)
+        return head(norm(hidden))
 
     def _first(self, model: nn.Module, inputs: dict) -> Tensor:
         layer_kwargs, result = {}, []
