@@ -60,7 +60,10 @@ class EvalConfig(HeldOutData):
     """Where eval.json, report.md and the plots go."""
     tp: int = 1
     """Tensor-parallel size under torchrun, as in training: the host (LM head replicated) and each SAE's
-    latents split over this many ranks; the world size must equal it."""
+    latents split over this many ranks; the world size must be tp x pp."""
+    pp: int = 1
+    """Pipeline stages under torchrun: all the host's decoder layers split over this many stages (the last
+    also runs the final norm and LM head), each SAE measured on the stage owning its target."""
 
 
 @dataclass

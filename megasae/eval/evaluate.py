@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from megasae import sae
 from megasae.data.masks import image_token_ids
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import EvalConfig
@@ -14,35 +17,41 @@ from megasae.eval.files import write_atomic
 from megasae.eval.metrics import NextTokenStats, ReconstructionStats, next_token_log_probs, token_groups
 from megasae.eval.plots import density_png, l0_png
 from megasae.eval.report import report_markdown
-from megasae.eval.splice import adapter_settings, host_logits, load_sae_model
+from megasae.eval.splice import EvalHost, adapter_settings
 from megasae.parallel import ParallelState, init_distributed
 
 
 def init_eval_ranks(cfg: EvalConfig) -> ParallelState:
-    """One process, or under torchrun one tensor-parallel group: every rank reads the same batches."""
-    par = init_distributed(cfg.device, tp=cfg.tp)
-    if par.world_size != par.tp_size:
+    """One process, or under torchrun tp x pp ranks: the host's layers split over pp stages and each stage's
+    over tp ranks, with no data parallelism (every rank reads the same batches). Checked before joining."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != cfg.tp * cfg.pp and min(cfg.tp, cfg.pp) >= 1:  # sizes below 1: init_distributed says so
         raise ValueError(
-            f"megasae eval splits the host over --tp ranks only: run it on --tp ({cfg.tp}) ranks, not {par.world_size}."
+            f"megasae eval splits the host over --tp x --pp ranks, without data parallelism: run it on "
+            f"{cfg.tp} x {cfg.pp} = {cfg.tp * cfg.pp} ranks (torchrun --nproc-per-node {cfg.tp * cfg.pp}), "
+            f"not {world_size}."
         )
-    return par
+    return init_distributed(cfg.device, tp=cfg.tp, pp=cfg.pp)
 
 
 @torch.no_grad()
 def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     """The numbers of eval.json: per target and token group, reconstruction and sparsity on the clean host's
-    activations, and the next-token loss at the positions the SAE replaces, with that target alone spliced."""
+    activations, and the next-token loss at the positions the SAE replaces, with that target alone spliced.
+    Under --pp each stage measures the SAEs on its layers and the last stage the next-token loss; every rank
+    returns the merged numbers."""
     par = par or init_eval_ranks(cfg)
-    model, processor, layers = load_sae_model(cfg, par)
+    host = EvalHost(cfg, par)
     device = par.device
-    image_ids = torch.tensor(image_token_ids(processor), dtype=torch.long)
+    image_ids = torch.tensor(image_token_ids(host.processor), dtype=torch.long)
     multimodal = image_ids.numel() > 0
     groups = ("all", "text", "image") if multimodal else ("all",)
-    settings = {path: adapter_settings(layer) for path, layer in layers.items()}
-    reconstruction = {path: {g: ReconstructionStats(*settings[path]) for g in groups} for path in layers}
-    next_token = {path: {g: NextTokenStats() for g in groups} for path in layers}
+    settings = {path: adapter_settings(layer) for path, layer in host.layers.items()}
+    reconstruction = {path: {g: ReconstructionStats(*settings[path]) for g in groups} for path in host.layers}
+    # Only the rank computing the logits scores predictions, for every target.
+    next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if host.scores else {}
     tokens = sequences = 0
-    for batch in held_out_batches(cfg.data, processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
+    for batch in held_out_batches(cfg.data, host.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
                                   batch_size=cfg.batch_size, seed=cfg.seed, text_column=cfg.text_column,
                                   messages_column=cfg.messages_column, images_column=cfg.images_column,
                                   tokens=cfg.tokens):
@@ -54,28 +63,19 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
         labels = input_ids.roll(-1, dims=1)
         has_next = torch.zeros_like(mask)
         has_next[:, :-1] = inputs["attention_mask"][:, 1:].bool()
-        clean_logits, outputs = host_logits(model, inputs, mask, cfg.outlier_factor)
-        for path, out in outputs.items():
-            kept = out.kept if out.kept is not None else torch.ones_like(mask).view(-1)
-            for group, stats in reconstruction[path].items():
-                rows = where[group][kept]
-                stats.add(out.target[rows], out.x_hat[rows], out.values[rows], out.indices[rows])
-            scored = kept.view_as(mask) & has_next
-            log_probs = {"clean": next_token_log_probs(clean_logits, scored)}
+        clean_logits, outputs = host.logits(inputs, mask, cfg.outlier_factor)
+        for path in host.targets:  # on every rank, in the same order: a pipeline runs each forward together
+            kept = host.rows_read(path, outputs, mask.numel())
+            if path in outputs:
+                _add_reconstruction(reconstruction[path], outputs[path], where, kept)
+            logits = {"clean": clean_logits}
             for name, replacement in (("spliced", "sae"), ("ablated", "zero")):
-                logits, _ = host_logits(model, inputs, mask, cfg.outlier_factor, {path: replacement})
-                log_probs[name] = next_token_log_probs(logits, scored)
-            scored_labels, scored_groups = labels[scored], {g: w.view_as(mask)[scored] for g, w in where.items()}
-            for group, stats in next_token[path].items():
-                rows = scored_groups[group]
-                stats.add(scored_labels[rows], *(log_probs[n][rows] for n in ("clean", "spliced", "ablated")))
+                logits[name], _ = host.logits(inputs, mask, cfg.outlier_factor, {path: replacement})
+            if host.scores:
+                _add_predictions(next_token[path], labels, where, kept.view_as(mask) & has_next, logits)
         tokens += batch.num_tokens
         sequences += input_ids.shape[0]
-    targets = {}
-    for path, (num_latents, k) in settings.items():
-        targets[path] = {"num_latents": num_latents, "k": k, "groups": {
-            g: {**reconstruction[path][g].summary(), **next_token[path][g].summary()} for g in groups
-        }}
+    targets = _merged_targets(host, settings, reconstruction, next_token)
     return {
         "model": cfg.model or "SmolLM2-135M-Instruct (built-in)",
         "adapter": str(cfg.adapter),
@@ -87,6 +87,39 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
                      "dtype": cfg.dtype},
         "targets": targets,
     }
+
+
+def _add_reconstruction(stats: dict[str, ReconstructionStats], out: sae.SaeOutput, where: dict[str, Tensor],
+                        kept: Tensor) -> None:
+    """One batch of an SAE's output (`out`, on the `kept` positions) into its stats per token group."""
+    for group, group_stats in stats.items():
+        rows = where[group][kept]
+        group_stats.add(out.target[rows], out.x_hat[rows], out.values[rows], out.indices[rows])
+
+
+def _add_predictions(stats: dict[str, NextTokenStats], labels: Tensor, where: dict[str, Tensor],
+                     scored: Tensor, logits: dict[str, Tensor]) -> None:
+    """One batch's predictions at the `scored` positions ([batch, seq] bool), clean, spliced and ablated,
+    into a target's stats per token group."""
+    log_probs = [next_token_log_probs(logits[name], scored) for name in ("clean", "spliced", "ablated")]
+    scored_labels = labels[scored]
+    for group, group_stats in stats.items():
+        rows = where[group].view_as(scored)[scored]
+        group_stats.add(scored_labels[rows], *(p[rows] for p in log_probs))
+
+
+def _merged_targets(host: EvalHost, settings: dict, reconstruction: dict, next_token: dict) -> dict:
+    """eval.json's "targets": each SAE's numbers from the rank holding it, joined by the next-token numbers
+    from the rank computing the logits (the same rank without a pipeline)."""
+    targets = host.all_stages({path: {"num_latents": num_latents, "k": k, "groups": {
+        group: stats.summary() for group, stats in reconstruction[path].items()
+    }} for path, (num_latents, k) in settings.items()})
+    predictions = host.all_stages({path: {group: stats.summary() for group, stats in by_group.items()}
+                                   for path, by_group in next_token.items()})
+    for path, target in targets.items():
+        for group, summary in target["groups"].items():
+            summary.update(predictions[path][group])
+    return targets
 
 
 def run_eval(cfg: EvalConfig) -> Path:

@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import Tensor, nn
 
 from megasae.eval.config import HeldOutData
 from megasae.models import load_host_model
 from megasae.parallel import ParallelState
 from megasae.parallel.adapter import shard_saes
 from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.peft import PeftSaeModel, sae_layers
+from megasae.parallel.pipeline import PipelineStage, stage_targets
+from megasae.peft import PeftSaeModel, TopKSaeConfig, sae_layers
 from megasae.peft.layer import Replacement, TopKSaeLayer
 from megasae.peft.model import check_sae_adapter
 
+# The adapter file names each SAE's encoder weight `base_model.model.<target module path>.sae_W_enc`.
+_WEIGHT_PREFIX, _ENCODER = "base_model.model.", ".sae_W_enc"
 
-def load_sae_model(cfg: HeldOutData, par: ParallelState | None = None):
-    """The host with the adapter attached, in eval mode; (model, processor, {target path: layer}). Under
-    tensor parallelism (`par`) the whole host and each SAE's latents are split over the TP group."""
-    check_sae_adapter(cfg.adapter)  # before the host, which takes far longer to load
-    if par is not None and par.tp_size > 1:
-        host, processor = load_host_tensor_parallel(cfg.model, None, par, dtype=cfg.torch_dtype())
-    else:
-        host, processor = load_host_model(cfg.model, dtype=cfg.torch_dtype(), device=cfg.torch_device())
-    model = PeftSaeModel.from_pretrained(host, cfg.adapter)
-    if par is not None:
-        shard_saes(model, par.tp_group)
-    model.eval()  # no b_dec initialisation and no dead-latent counting while reading
-    return model, processor, {layer.module_path: layer for layer in sae_layers(model)}
+
+def load_sae_model(cfg: HeldOutData):
+    """The host with the adapter attached, in eval mode, in this process; (model, processor, {target path:
+    layer})."""
+    host = EvalHost(cfg, ParallelState(device=cfg.torch_device()))
+    return host.model, host.processor, host.layers
+
+
+def adapter_targets(adapter: Path) -> list[str]:
+    """The module paths the adapter holds an SAE for, read from its weights' names."""
+    with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    return [name.removeprefix(_WEIGHT_PREFIX).removesuffix(_ENCODER)
+            for name in names if name.endswith(_ENCODER)]
 
 
 def adapter_settings(layer: TopKSaeLayer) -> tuple[int, int]:
@@ -35,10 +43,82 @@ def adapter_settings(layer: TopKSaeLayer) -> tuple[int, int]:
     return layer.num_latents("default"), layer.sae_spec["default"].k
 
 
-@torch.no_grad()
-def host_logits(model: PeftSaeModel, inputs: dict[str, Tensor], token_mask: Tensor, outlier_factor: float | None,
-                replace: dict[str, Replacement] | None = None):
-    """The host's logits with `replace` applied to the rows the SAEs read, and every SAE's output on those rows."""
-    with model.capture(token_mask=token_mask, outlier_factor=outlier_factor, replace=replace) as outputs:
-        logits = model(**inputs, use_cache=False).logits
-    return logits, dict(outputs)
+class EvalHost:
+    """The host with the adapter attached, in eval mode, as this rank runs it to its logits: whole in one
+    process; split over the TP group (each SAE's latents too); or under --pp this rank's pipeline stage of
+    it, with the SAEs of the targets in its layers (a stage owning none holds the bare host and relays).
+
+    Every rank of a pipeline runs every forward, in the same order: `targets` lists every target of the
+    adapter, the same on each rank; `layers` only this rank's."""
+
+    def __init__(self, cfg: HeldOutData, par: ParallelState):
+        check_sae_adapter(cfg.adapter)  # before the host, which takes far longer to load
+        self.par = par
+        if par.tp_size > 1 or par.pp_size > 1:
+            host, self.processor = load_host_tensor_parallel(cfg.model, None, par, dtype=cfg.torch_dtype())
+        else:
+            host, self.processor = load_host_model(cfg.model, dtype=cfg.torch_dtype(),
+                                                   device=cfg.torch_device())
+        self.stage, mine = None, None
+        if par.pp_size > 1:
+            last_layer = host.config.get_text_config().num_hidden_layers - 1  # to the logits: every layer
+            self.stage = PipelineStage(host, par, last_layer)
+            mine = stage_targets(adapter_targets(cfg.adapter), last_layer, par)
+        self.model, self.layers = _attach_adapter(host, cfg.adapter, par, mine)
+        self.targets = list(self.layers) if self.stage is None else adapter_targets(cfg.adapter)
+
+    @property
+    def scores(self) -> bool:
+        """Whether this rank computes the logits (the last pipeline stage), and so the next-token metrics."""
+        return self.stage is None or self.stage.is_last
+
+    @torch.no_grad()
+    def logits(self, inputs: dict[str, Tensor], token_mask: Tensor, outlier_factor: float | None,
+               replace: dict[str, Replacement] | None = None) -> tuple[Tensor | None, dict]:
+        """The host's logits (None off the last pipeline stage) with `replace` applied to the rows the SAEs
+        read, and the output of each of this rank's SAEs on those rows."""
+        if not self.layers:  # a pipeline stage that owns no target only relays
+            return self._run(inputs), {}
+        mine = {path: how for path, how in (replace or {}).items() if path in self.layers}
+        options = dict(token_mask=token_mask, outlier_factor=outlier_factor, replace=mine)
+        with self.model.capture(**options) as outputs:
+            logits = self._run(inputs)
+        return logits, dict(outputs)
+
+    def _run(self, inputs: dict[str, Tensor]) -> Tensor | None:
+        if self.stage is None:
+            return self.model(**inputs, use_cache=False).logits
+        return self.stage.logits(self.model, **inputs)
+
+    def rows_read(self, path: str, outputs: dict, num_rows: int) -> Tensor:
+        """The flattened positions `path`'s SAE read in this forward (bool [num_rows]), on every rank: under
+        --pp the stage that owns the target sends them to the others."""
+        out = outputs.get(path)
+        kept = torch.ones(num_rows, dtype=torch.bool, device=self.par.device)
+        if out is not None and out.kept is not None:
+            kept = out.kept
+        if self.stage is not None:  # overwrites `kept` except on the owner
+            dist.broadcast(kept, src=self.stage.owner(path), group=self.par.pp_group)
+        return kept
+
+    def all_stages(self, mine: dict) -> dict:
+        """A dict keyed by target merged over the pipeline stages, in stage order (a collective over them)."""
+        if self.stage is None:
+            return mine
+        parts = [None] * self.par.pp_size
+        dist.all_gather_object(parts, mine, group=self.par.pp_group)
+        return {key: value for part in parts for key, value in part.items()}
+
+
+def _attach_adapter(host: nn.Module, adapter: Path, par: ParallelState, targets: list[str] | None):
+    """(the host with the adapter's SAEs attached in eval mode, {target path: layer}); `targets` restricts
+    them to those module paths (a pipeline stage's), and with none of them the host comes back bare."""
+    config = TopKSaeConfig.from_pretrained(adapter)
+    if targets is not None:
+        if not targets:
+            return host, {}
+        config.target_modules = targets
+    model = PeftSaeModel.from_pretrained(host, adapter, config=config)
+    shard_saes(model, par.tp_group)
+    model.eval()  # no b_dec initialisation and no dead-latent counting while reading
+    return model, {layer.module_path: layer for layer in sae_layers(model)}
