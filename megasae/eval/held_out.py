@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from megasae.eval.batches import held_out_batches
 from megasae.eval.metrics import ReconstructionStats
@@ -12,7 +15,7 @@ from megasae.peft import PeftSaeModel, sae_layers
 
 class HeldOutEval:
     """Reads the same held-out batches (the data's first `max_tokens` tokens) at every call, so successive
-    numbers compare; the forward stops after the last target, as in training."""
+    numbers compare; the trainer's forward runs them, stopping after the last target as in training."""
 
     def __init__(self, data: str, processor, device: torch.device, outlier_factor: float | None, **batch_args):
         self.data, self.processor, self.device, self.outlier_factor = data, processor, device, outlier_factor
@@ -23,30 +26,37 @@ class HeldOutEval:
         return held_out_batches(self.data, self.processor, **self.batch_args)
 
     @torch.no_grad()
-    def __call__(self, model: PeftSaeModel) -> dict[str, float]:
-        """eval/fvu, eval/l0 and eval/dead_pct (dead: never fired on these tokens), averaged over the targets,
-        and per target as eval/fvu/<module> etc. when there are several."""
-        layers = sae_layers(model)
+    def __call__(self, model: PeftSaeModel | None, forward: Callable[[dict, Tensor], dict]) -> dict[str, dict]:
+        """eval/fvu, eval/l0 and eval/dead_pct (dead: never fired on these tokens) per target of `model`
+        (None: a pipeline stage without SAEs). `forward(inputs, token_mask)` runs one batch through the
+        host, or this rank's stage of it, and returns the SAE outputs of its targets."""
+        layers = sae_layers(model) if model is not None else []
         stats = {layer.module_path: ReconstructionStats(*adapter_settings(layer)) for layer in layers}
-        was_training = model.training
-        model.eval()  # reading must not initialise b_dec or touch the dead-latent counters
+        was_training = model is not None and model.training
+        if model is not None:
+            model.eval()  # reading must not initialise b_dec or touch the dead-latent counters
         try:
             for batch in self._batches():
                 inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
-                with model.stop_after_targets(token_mask=batch.token_mask.to(self.device),
-                                              outlier_factor=self.outlier_factor) as outputs:
-                    model(**inputs)
-                for path, out in outputs.items():
+                for path, out in forward(inputs, batch.token_mask.to(self.device)).items():
                     stats[path].add(out.target, out.x_hat, out.values, out.indices)
         finally:
-            model.train(was_training)
-        record: dict[str, float] = {}
+            if model is not None:
+                model.train(was_training)
+        per_target = {}
         for path, target_stats in stats.items():
             summary = target_stats.summary()
-            values = {"eval/fvu": summary["fvu"], "eval/l0": summary["l0"],
-                      "eval/dead_pct": 100 * summary["dead_fraction"]}
-            for key, value in values.items():
-                if len(stats) > 1:
-                    record[f"{key}/{path}"] = value
-                record[key] = record.get(key, 0.0) + value / len(stats)
-        return record
+            per_target[path] = {"eval/fvu": summary["fvu"], "eval/l0": summary["l0"],
+                                "eval/dead_pct": 100 * summary["dead_fraction"]}
+        return per_target
+
+
+def held_out_record(per_target: dict[str, dict]) -> dict[str, float]:
+    """The numbers of every target averaged, and per target as eval/fvu/<module> etc. when there are several."""
+    record: dict[str, float] = {}
+    for path, values in sorted(per_target.items()):
+        for key, value in values.items():
+            if len(per_target) > 1:
+                record[f"{key}/{path}"] = value
+            record[key] = record.get(key, 0.0) + value / len(per_target)
+    return record

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megasae.data import build_batches, open_source
-from megasae.eval.held_out import HeldOutEval
+from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.models import compile_blocks, load_host_model
 from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
@@ -87,10 +87,6 @@ class Trainer:
             raise ValueError(
                 "--zero1 shards Adam's state over data-parallel ranks only; drop it with --tp or --pp > 1."
             )
-        if cfg.eval_every > 0 and self.par.pp_size > 1:
-            raise ValueError(
-                "--eval-every does not run under --pp; evaluate the saved adapter with `megasae eval`."
-            )
         self.micro_tokens = cfg.micro_batch_size * cfg.ctx_len
         per_step = self.micro_tokens * self.par.dp_size
         if cfg.batch_tokens % per_step:
@@ -118,8 +114,8 @@ class Trainer:
         self.batches = build_batches(
             cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
         )
-        # The first data-parallel replica evaluates (all its tensor-parallel ranks: the host forward and the
-        # latent-parallel SAEs need each of them); the other replicas wait at the next step's all-reduce.
+        # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the host
+        # forward and the latent-parallel SAEs need each of them); the other replicas wait at the next step.
         self.held_out = HeldOutEval(
             cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
             ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
@@ -169,7 +165,7 @@ class Trainer:
         for _ in range(self.accumulation):
             batch = next(self.batches)
             inputs = {k: v.to(self.par.device) for k, v in batch.inputs.items()}
-            outputs = self._forward(inputs, batch.token_mask)
+            outputs = self._forward(inputs, batch.token_mask, self.par.dp_group)
             if outputs:
                 loss = sum(out.loss for out in outputs.values()) / self.accumulation
                 loss.backward()
@@ -190,12 +186,13 @@ class Trainer:
         self.step += 1
         return metrics, tokens
 
-    def _forward(self, inputs: dict, token_mask: torch.Tensor) -> dict:
-        """One micro-batch through the host (this rank's stage of it): the SAE outputs of its targets."""
+    def _forward(self, inputs: dict, token_mask: torch.Tensor, group: dist.ProcessGroup | None) -> dict:
+        """One micro-batch through the host (this rank's stage of it): the SAE outputs of its targets, with
+        b_dec's first mean, FVU's denominator and the dead counters over the ranks of `group`."""
         if self.model is None:  # a relay stage
             self.stage.forward(self.host, **inputs)
             return {}
-        options = dict(token_mask=token_mask, outlier_factor=self.cfg.outlier_factor, group=self.par.dp_group)
+        options = dict(token_mask=token_mask, outlier_factor=self.cfg.outlier_factor, group=group)
         if self.stage is None:
             with self.model.stop_after_targets(**options) as outputs:
                 self.model(**inputs)
@@ -231,7 +228,9 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.steps or evaluate:
                     record = self._summarise(metrics, window_tokens / (time.perf_counter() - window_start))
                     if self.held_out is not None and evaluate:
-                        record.update(self.held_out(self.model))
+                        # The first replica reads the held-out rows alone: no data-parallel group.
+                        forward = lambda inputs, mask: self._forward(inputs, mask, None)  # noqa: E731
+                        record.update(held_out_record(self._all_stages(self.held_out(self.model, forward))))
                     log.log(record)
                     window_start, window_tokens = time.perf_counter(), 0
                 if stop_votes > 0:
