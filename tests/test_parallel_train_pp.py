@@ -57,8 +57,8 @@ def test_pp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path, targets)
     data = text_rows(tmp_path / "text.parquet")
     held_out = dict(eval_every=2, eval_data=str(data), eval_tokens=256)
     Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets, **held_out)).fit()
-    run_ranks(_train_and_resume_rank, 2, _config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2,
-                                                 **held_out))
+    split = _config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2, **held_out)
+    run_ranks(_train_and_resume_rank, 2, split)
     assert_same_run(tmp_path / "one", tmp_path / "pp2")
     assert "eval/fvu" in records(tmp_path / "pp2")[1]
 

@@ -26,7 +26,7 @@ class HeldOutEval:
         return held_out_batches(self.data, self.processor, **self.batch_args)
 
     @torch.no_grad()
-    def __call__(self, model: PeftSaeModel | None, forward: Callable[[dict, Tensor], dict]) -> dict[str, dict]:
+    def __call__(self, model: PeftSaeModel | None, forward: Callable[[dict, Tensor], dict]) -> dict:
         """eval/fvu, eval/l0 and eval/dead_pct (dead: never fired on these tokens) per target of `model`
         (None: a pipeline stage without SAEs). `forward(inputs, token_mask)` runs one batch through the
         host, or this rank's stage of it, and returns the SAE outputs of its targets."""
@@ -52,7 +52,7 @@ class HeldOutEval:
 
 
 def held_out_record(per_target: dict[str, dict]) -> dict[str, float]:
-    """The numbers of every target averaged, and per target as eval/fvu/<module> etc. when there are several."""
+    """Every target's numbers averaged, and per target as eval/fvu/<module> etc. when there are several."""
     record: dict[str, float] = {}
     for path, values in sorted(per_target.items()):
         for key, value in values.items():

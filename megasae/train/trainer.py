@@ -114,8 +114,8 @@ class Trainer:
         self.batches = build_batches(
             cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
         )
-        # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the host
-        # forward and the latent-parallel SAEs need each of them); the other replicas wait at the next step.
+        # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the
+        # host forward and the latent-parallel SAEs need each of them); the others wait at the next step.
         self.held_out = HeldOutEval(
             cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
             ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
