@@ -43,7 +43,9 @@ def inspect_command(args: list[str]) -> None:
     """Write an HTML page of chosen latents' top-activating contexts."""
     from megasae.eval import InspectConfig, run_inspect
 
-    print(f"wrote {run_inspect(tyro.cli(InspectConfig, args=args, prog='megasae inspect'))}")
+    page = run_inspect(tyro.cli(InspectConfig, args=args, prog="megasae inspect"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {page}")
 
 
 def plan_command(args: list[str]) -> None:

@@ -11,7 +11,7 @@ import torch
 
 @dataclass
 class HeldOutData:
-    """The host, the adapter and the held-out data both commands read."""
+    """The host, the adapter and the held-out data both commands read, and how the host splits over ranks."""
 
     adapter: Path
     """Adapter directory written by `megasae train` (adapter_config.json + adapter_model.safetensors)."""
@@ -41,6 +41,12 @@ class HeldOutData:
     """Parquet column of encoded image bytes for chat rows."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the host and SAEs run; auto picks CUDA when available."""
+    tp: int = 1
+    """Tensor-parallel size under torchrun, as in training: the host (LM head replicated) and each SAE's
+    latents split over this many ranks; the world size must be tp x pp."""
+    pp: int = 1
+    """Pipeline stages under torchrun: all the host's decoder layers split over this many stages (the last
+    also runs the final norm and LM head), each SAE run on the stage owning its target."""
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -58,12 +64,6 @@ class EvalConfig(HeldOutData):
 
     output_dir: Path = Path("runs/eval")
     """Where eval.json, report.md and the plots go."""
-    tp: int = 1
-    """Tensor-parallel size under torchrun, as in training: the host (LM head replicated) and each SAE's
-    latents split over this many ranks; the world size must be tp x pp."""
-    pp: int = 1
-    """Pipeline stages under torchrun: all the host's decoder layers split over this many stages (the last
-    also runs the final norm and LM head), each SAE measured on the stage owning its target."""
 
 
 @dataclass

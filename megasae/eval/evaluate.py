@@ -12,7 +12,7 @@ from torch import Tensor
 from megasae import sae
 from megasae.data.masks import image_token_ids
 from megasae.eval.batches import held_out_batches
-from megasae.eval.config import EvalConfig
+from megasae.eval.config import EvalConfig, HeldOutData
 from megasae.eval.files import write_atomic
 from megasae.eval.metrics import NextTokenStats, ReconstructionStats, next_token_log_probs, token_groups
 from megasae.eval.plots import density_png, l0_png
@@ -21,13 +21,14 @@ from megasae.eval.splice import EvalHost, adapter_settings
 from megasae.parallel import ParallelState, init_distributed
 
 
-def init_eval_ranks(cfg: EvalConfig) -> ParallelState:
+def init_eval_ranks(cfg: HeldOutData, command: str) -> ParallelState:
     """One process, or under torchrun tp x pp ranks: the host's layers split over pp stages and each stage's
-    over tp ranks, with no data parallelism (every rank reads the same batches). Checked before joining."""
+    over tp ranks, with no data parallelism (every rank reads the same batches). Checked before joining;
+    `command` names the one refused."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != cfg.tp * cfg.pp and min(cfg.tp, cfg.pp) >= 1:  # sizes below 1: init_distributed says so
         raise ValueError(
-            f"megasae eval splits the host over --tp x --pp ranks, without data parallelism: run it on "
+            f"{command} splits the host over --tp x --pp ranks, without data parallelism: run it on "
             f"{cfg.tp} x {cfg.pp} = {cfg.tp * cfg.pp} ranks (torchrun --nproc-per-node {cfg.tp * cfg.pp}), "
             f"not {world_size}."
         )
@@ -40,7 +41,7 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     activations, and the next-token loss at the positions the SAE replaces, with that target alone spliced.
     Under --pp each stage measures the SAEs on its layers and the last stage the next-token loss; every rank
     returns the merged numbers."""
-    par = par or init_eval_ranks(cfg)
+    par = par or init_eval_ranks(cfg, "megasae eval")
     host = EvalHost(cfg, par)
     device = par.device
     image_ids = torch.tensor(image_token_ids(host.processor), dtype=torch.long)
@@ -124,7 +125,7 @@ def _merged_targets(host: EvalHost, settings: dict, reconstruction: dict, next_t
 
 def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate and write eval.json, report.md, density.png and l0.png into cfg.output_dir (rank 0 writes)."""
-    par = init_eval_ranks(cfg)
+    par = init_eval_ranks(cfg, "megasae eval")
     result = evaluate(cfg, par)
     out = cfg.output_dir
     if not par.is_main:

@@ -14,9 +14,11 @@ from torch import Tensor
 from megasae.data.masks import image_token_ids, tokenizer_of
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import InspectConfig
+from megasae.eval.evaluate import init_eval_ranks
 from megasae.eval.files import write_atomic
 from megasae.eval.images import heatmap_png, image_runs, token_grid, unpatchify_qwen
-from megasae.eval.splice import load_sae_model
+from megasae.eval.splice import EvalHost
+from megasae.parallel import ParallelState
 from megasae.sae import SaeOutput
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 8
@@ -76,50 +78,60 @@ def latent_activations(out: SaeOutput, latents: Tensor, shape: torch.Size, num_l
 
 
 class Collector:
-    """Runs the SAE of one target over held-out batches and keeps each latent's top examples."""
+    """Runs the SAE of one target over held-out batches and keeps each latent's top examples. Every rank runs
+    every forward; under --pp only the stage owning the target collects."""
 
-    def __init__(self, cfg: InspectConfig):
+    def __init__(self, cfg: InspectConfig, par: ParallelState):
         self.cfg = cfg
-        self.model, self.processor, layers = load_sae_model(cfg)
+        self.host = EvalHost(cfg, par)
+        self.device = par.device
+        self.processor = self.host.processor
         self.tokenizer = tokenizer_of(self.processor)
         self.image_ids = torch.tensor(image_token_ids(self.processor), dtype=torch.long)
-        if cfg.target is None and len(layers) > 1:
-            raise ValueError(f"The adapter {cfg.adapter} has SAEs on {sorted(layers)}; choose one with --target.")
-        self.path = cfg.target or next(iter(layers))
-        if self.path not in layers:
+        targets = self.host.targets
+        if cfg.target is None and len(targets) > 1:
             raise ValueError(
-                f"The adapter {cfg.adapter} has no SAE on {self.path!r}; its targets are {sorted(layers)}."
+                f"The adapter {cfg.adapter} has SAEs on {sorted(targets)}; choose one with --target."
             )
-        self.num_latents = layers[self.path].num_latents("default")
+        self.path = cfg.target or targets[0]
+        if self.path not in targets:
+            raise ValueError(
+                f"The adapter {cfg.adapter} has no SAE on {self.path!r}; its targets are {sorted(targets)}."
+            )
+        layer = self.host.layers.get(self.path)  # None off the stage owning it
+        num_latents = None if layer is None else layer.num_latents("default")
+        self.num_latents = self.host.from_owner(self.path, num_latents)
         self.tokens = 0  # tokens the SAE read
 
     def _outputs(self):
-        """(batch, the target's SaeOutput) for each held-out batch; the forward stops after the last target."""
+        """(batch, the target's SaeOutput, None off the stage owning it) for each held-out batch."""
         cfg = self.cfg
         for batch in held_out_batches(cfg.data, self.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
                                       batch_size=cfg.batch_size, seed=cfg.seed, text_column=cfg.text_column,
                                       messages_column=cfg.messages_column, images_column=cfg.images_column,
                                       tokens=cfg.tokens):
-            inputs = {k: v.to(cfg.torch_device()) for k, v in batch.inputs.items()}
-            with torch.no_grad(), self.model.stop_after_targets(
-                token_mask=batch.token_mask.to(cfg.torch_device()), outlier_factor=cfg.outlier_factor
-            ) as outputs:
-                self.model(**inputs)
-            yield batch, outputs[self.path]
+            inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
+            outputs = self.host.sae_outputs(inputs, batch.token_mask.to(self.device), cfg.outlier_factor)
+            yield batch, outputs.get(self.path)
 
     def most_frequent(self, n: int) -> list[int]:
-        """The n latents that fire on the most tokens (of those that fire at all)."""
+        """The n latents that fire on the most tokens (of those that fire at all); none off the stage owning
+        the target, which alone collects."""
         fired = torch.zeros(self.num_latents, dtype=torch.long)
         for _, out in self._outputs():
+            if out is None:
+                continue
             fired += torch.bincount(out.indices[out.values > 0].cpu(), minlength=self.num_latents)
         order = torch.argsort(fired, descending=True, stable=True)[:n]
         return [int(i) for i in order if fired[i] > 0]
 
     def collect(self, latents: list[int]) -> list[LatentExamples]:
         found = [LatentExamples(i) for i in latents]
-        chosen = torch.tensor(latents, dtype=torch.long, device=self.cfg.torch_device())
+        chosen = torch.tensor(latents, dtype=torch.long, device=self.device)
         self.tokens = 0
         for batch, out in self._outputs():
+            if out is None:
+                continue
             input_ids = batch.inputs["input_ids"]
             acts = latent_activations(out, chosen, input_ids.shape, self.num_latents).cpu()
             self.tokens += out.num_tokens
@@ -218,16 +230,20 @@ def page_html(cfg: InspectConfig, path: str, tokens: int, latents: list[LatentEx
 
 
 def run_inspect(cfg: InspectConfig) -> Path:
-    """Write the page (atomically) and return its path."""
+    """Write the page (atomically; rank 0 under torchrun) and return its path."""
     if bool(cfg.latents.strip()) == (cfg.top > 0):
         raise ValueError("Pass exactly one of --latents (comma-separated ids) and --top N (N > 0).")
     if cfg.examples < 1:
         raise ValueError(f"--examples must be at least 1, got {cfg.examples}.")
     latents = parse_latents(cfg.latents)  # before the host loads: a typo should not cost a model load
-    collector = Collector(cfg)
+    par = init_eval_ranks(cfg, "megasae inspect")
+    collector = Collector(cfg, par)
     if cfg.top > 0:
         latents = collector.most_frequent(cfg.top)
     else:
         check_latents(latents, collector.num_latents, collector.path)
     found = collector.collect(latents)
-    return write_atomic(cfg.page_path(), page_html(cfg, collector.path, collector.tokens, found))
+    found, tokens = collector.host.from_owner(collector.path, (found, collector.tokens))
+    if not par.is_main:
+        return cfg.page_path()
+    return write_atomic(cfg.page_path(), page_html(cfg, collector.path, tokens, found))

@@ -85,6 +85,24 @@ class EvalHost:
             logits = self._run(inputs)
         return logits, dict(outputs)
 
+    @torch.no_grad()
+    def sae_outputs(self, inputs: dict[str, Tensor], token_mask: Tensor,
+                    outlier_factor: float | None) -> dict:
+        """The output of each of this rank's SAEs, without the logits. Without a pipeline the forward stops
+        after the last target; a pipeline's stages each run all their layers, since each hands on its hidden
+        state, but the last skips the final norm and LM head."""
+        options = {"token_mask": token_mask, "outlier_factor": outlier_factor}
+        if self.stage is None:
+            with self.model.stop_after_targets(**options) as outputs:
+                self.model(**inputs)
+            return dict(outputs)
+        if not self.layers:  # a pipeline stage that owns no target only relays
+            self.stage.forward(self.model, **inputs)
+            return {}
+        with self.model.capture(**options) as outputs:
+            self.stage.forward(self.model, **inputs)
+        return dict(outputs)
+
     def _run(self, inputs: dict[str, Tensor]) -> Tensor | None:
         if self.stage is None:
             return self.model(**inputs, use_cache=False).logits
@@ -100,6 +118,15 @@ class EvalHost:
         if self.stage is not None:  # overwrites `kept` except on the owner
             dist.broadcast(kept, src=self.stage.owner(path), group=self.par.pp_group)
         return kept
+
+    def from_owner(self, path: str, mine):
+        """`mine` as the stage owning target `path` has it, on every stage (a collective over them). Each TP
+        rank of that stage holds the same, its SAE's top-k being global, and sends it to its own pipeline."""
+        if self.stage is None:
+            return mine
+        holder = [mine]
+        dist.broadcast_object_list(holder, src=self.stage.owner(path), group=self.par.pp_group)
+        return holder[0]
 
     def all_stages(self, mine: dict) -> dict:
         """A dict keyed by target merged over the pipeline stages, in stage order (a collective over them)."""
