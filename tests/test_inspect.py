@@ -13,7 +13,8 @@ from PIL import Image
 from megasae.cli import main as cli_main
 from megasae.eval import EvalConfig, InspectConfig, evaluate, run_inspect
 from megasae.eval.batches import held_out_batches
-from megasae.eval.splice import load_sae_model
+from megasae.eval.splice import EvalHost
+from megasae.parallel import ParallelState
 
 from test_eval import TARGET, save_adapter
 
@@ -28,7 +29,8 @@ def adapter(host_dir, tmp_path_factory):
 def strongest_per_sequence(host_dir, adapter, data, latent):
     """Each sequence's strongest activation of `latent`, read straight off the SAE's codes."""
     cfg = InspectConfig(adapter=adapter, model=str(host_dir), data=str(data), **SETTINGS)
-    model, processor, _ = load_sae_model(cfg)
+    host = EvalHost(cfg, ParallelState(device=cfg.torch_device()))
+    model, processor = host.model, host.processor
     best = []
     for batch in held_out_batches(cfg.data, processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
                                   batch_size=cfg.batch_size, seed=cfg.seed):

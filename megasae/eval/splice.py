@@ -23,13 +23,6 @@ from megasae.peft.model import check_sae_adapter
 _WEIGHT_PREFIX, _ENCODER = "base_model.model.", ".sae_W_enc"
 
 
-def load_sae_model(cfg: HeldOutData):
-    """The host with the adapter attached, in eval mode, in this process; (model, processor, {target path:
-    layer})."""
-    host = EvalHost(cfg, ParallelState(device=cfg.torch_device()))
-    return host.model, host.processor, host.layers
-
-
 def adapter_targets(adapter: Path) -> list[str]:
     """The module paths the adapter holds an SAE for, read from its weights' names."""
     with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as f:
