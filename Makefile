@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.megasae-installed
 TORCH := torch==2.14.1
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-wheels clean
 
 install: $(INSTALLED)
 
@@ -27,6 +27,15 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# Pure-Python wheels that launch/gpu_check.sh installs on a GPU machine without network: megasae's pins the
+# machine's image lacks, and eai-sparsify with its dependencies for the side-by-side kernel bench.
+GPU_WHEELS := peft==0.21.2 transformers==5.24.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
+	truststore==0.10.5 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 gguf==0.19.0 \
+	eai-sparsify==1.3.3 datasets==5.2.0 dill==0.4.1 natsort==8.4.0 schedulefree==1.4.1 simple-parsing==0.1.9
+gpu-wheels: $(INSTALLED)
+	$(PY) -m pip download -q --no-deps -d .gpu_wheels $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_wheels multiprocess==0.70.19
 
 clean:
 	rm -rf build *.egg-info megasae/_C*.so $(INSTALLED)

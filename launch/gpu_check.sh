@@ -13,7 +13,7 @@
 # env.txt). Sized to finish in about 6 minutes on an H100/H200; each stage has its own time limit,
 # and a failing stage does not stop the later ones (the exit status says whether any failed).
 # Python packages missing there (tyro, gguf, eai-sparsify and its dependencies, or megasae's pinned
-# peft/transformers) can travel as wheels in .gpu_wheels/ (fill it with `pip download --no-deps`);
+# peft/transformers) can travel as wheels in .gpu_wheels/ (`make gpu-wheels` fills it here);
 # they are installed into a private folder, never into the machine's Python. If megasae's
 # dependencies still fail to import, the kernels are imported without the package __init__
 # (see megasae_gpu_stub below) and step 4 fails.
