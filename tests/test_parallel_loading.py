@@ -78,15 +78,19 @@ def _loading_rank(rank, world_size, path, result_file):
         }, result_file)
 
 
-def test_a_rank_reads_and_holds_only_its_slices(tmp_path):
+def save_eight_layer_llama(path) -> tuple[int, int]:
+    """A 124 MiB random Llama saved in 50 MB shards with a tokenizer: (its bytes, its largest weight's bytes)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4)
     model = LlamaForCausalLM(config)
-    full = 4 * sum(p.numel() for p in model.parameters())
-    largest = 4 * max(p.numel() for p in model.parameters())
-    model.save_pretrained(tmp_path / "host", max_shard_size="50MB")
-    del model
+    model.save_pretrained(path, max_shard_size="50MB")
+    tiny_text_tokenizer().save_pretrained(path)
+    return 4 * sum(p.numel() for p in model.parameters()), 4 * max(p.numel() for p in model.parameters())
+
+
+def test_a_rank_reads_and_holds_only_its_slices(tmp_path):
+    full, largest = save_eight_layer_llama(tmp_path / "host")
     run_ranks(_loading_rank, 2, tmp_path / "host", tmp_path / "m.pt")
     m = torch.load(tmp_path / "m.pt")
     print(f"full model {full / 2**20:.1f} MiB; TP rank 0 of 2 (target layer 1) read {m['read'] / 2**20:.1f} MiB, "
@@ -201,14 +205,7 @@ def _stage_memory_rank(rank, world_size, path, result_dir):
 
 
 def test_tp2_pp2_rank_holds_a_quarter_of_the_model(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4)
-    model = LlamaForCausalLM(config)
-    full = 4 * sum(p.numel() for p in model.parameters())
-    model.save_pretrained(tmp_path / "host", max_shard_size="50MB")
-    tiny_text_tokenizer().save_pretrained(tmp_path / "host")
-    del model
+    full, _ = save_eight_layer_llama(tmp_path / "host")
     run_ranks(_stage_memory_rank, 4, tmp_path / "host", tmp_path)
     for rank in range(4):
         m = torch.load(tmp_path / f"{rank}.pt")

@@ -3,7 +3,6 @@ ranks) train the same adapter, and log the same metrics (held-out ones included)
 that owns no target relays the hidden state. fp32, 4 Adam steps; tolerance rtol 1e-4, atol 1e-4 as for TP
 (the gradient-norm all-reduce reorders a sum). Resuming restores each stage's SAEs and Adam state exactly."""
 
-import dataclasses
 import json
 
 import pytest
@@ -14,19 +13,7 @@ from megasae.parallel import ParallelState
 from megasae.train import Trainer
 
 from distributed import run_ranks
-from test_parallel_train import _config, text_rows
-
-
-def _train_and_resume_rank(rank, world_size, cfg):
-    trainer = Trainer(cfg)
-    trainer.fit()
-    resumed = Trainer(dataclasses.replace(cfg, resume=True))
-    assert resumed.step == trainer.step
-    for mine, restored in zip(trainer.params, resumed.params, strict=True):
-        assert torch.equal(mine, restored)
-    if trainer.optimizer is not None:
-        for mine, restored in zip(trainer.optimizer.state.values(), resumed.optimizer.state.values(), strict=True):
-            assert torch.equal(mine["exp_avg"], restored["exp_avg"])
+from test_parallel_train import _config, text_rows, train_and_resume_rank
 
 
 def records(output_dir):
@@ -58,7 +45,7 @@ def test_pp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path, targets)
     held_out = dict(eval_every=2, eval_data=str(data), eval_tokens=256)
     Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets, **held_out)).fit()
     split = _config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2, **held_out)
-    run_ranks(_train_and_resume_rank, 2, split)
+    run_ranks(train_and_resume_rank, 2, split)
     assert_same_run(tmp_path / "one", tmp_path / "pp2")
     assert "eval/fvu" in records(tmp_path / "pp2")[1]
 
@@ -67,7 +54,7 @@ def test_tp2_pp2_on_four_ranks(host_dir, tmp_path):
     targets = ("model.layers.0", "model.layers.2")
     data = text_rows(tmp_path / "text.parquet")
     Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets)).fit()
-    run_ranks(_train_and_resume_rank, 4, _config(host_dir, data, tmp_path / "tp2pp2", target_modules=targets,
+    run_ranks(train_and_resume_rank, 4, _config(host_dir, data, tmp_path / "tp2pp2", target_modules=targets,
                                                  tp=2, pp=2))
     assert_same_run(tmp_path / "one", tmp_path / "tp2pp2")
 
