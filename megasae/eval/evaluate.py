@@ -19,6 +19,7 @@ from megasae.eval.plots import density_png, l0_png
 from megasae.eval.report import report_markdown
 from megasae.eval.splice import EvalHost, adapter_settings
 from megasae.parallel import ParallelState, init_distributed
+from megasae.parallel.distributed import merge_over_stages
 
 
 def init_eval_ranks(cfg: HeldOutData, command: str) -> ParallelState:
@@ -112,11 +113,11 @@ def _add_predictions(stats: dict[str, NextTokenStats], labels: Tensor, where: di
 def _merged_targets(host: EvalHost, settings: dict, reconstruction: dict, next_token: dict) -> dict:
     """eval.json's "targets": each SAE's numbers from the rank holding it, joined by the next-token numbers
     from the rank computing the logits (the same rank without a pipeline)."""
-    targets = host.all_stages({path: {"num_latents": num_latents, "k": k, "groups": {
+    targets = merge_over_stages({path: {"num_latents": num_latents, "k": k, "groups": {
         group: stats.summary() for group, stats in reconstruction[path].items()
-    }} for path, (num_latents, k) in settings.items()})
-    predictions = host.all_stages({path: {group: stats.summary() for group, stats in by_group.items()}
-                                   for path, by_group in next_token.items()})
+    }} for path, (num_latents, k) in settings.items()}, host.par)
+    predictions = merge_over_stages({path: {group: stats.summary() for group, stats in by_group.items()}
+                                     for path, by_group in next_token.items()}, host.par)
     for path, target in targets.items():
         for group, summary in target["groups"].items():
             summary.update(predictions[path][group])

@@ -14,7 +14,7 @@ from megasae.models import load_host_model
 from megasae.parallel import ParallelState
 from megasae.parallel.adapter import shard_saes
 from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.parallel.pipeline import PipelineStage, stage_targets
+from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, sae_layers
 from megasae.peft.layer import Replacement, TopKSaeLayer
 from megasae.peft.model import check_sae_adapter
@@ -84,17 +84,8 @@ class EvalHost:
         """The output of each of this rank's SAEs, without the logits. Without a pipeline the forward stops
         after the last target; a pipeline's stages each run all their layers, since each hands on its hidden
         state, but the last skips the final norm and LM head."""
-        options = {"token_mask": token_mask, "outlier_factor": outlier_factor}
-        if self.stage is None:
-            with self.model.stop_after_targets(**options) as outputs:
-                self.model(**inputs)
-            return dict(outputs)
-        if not self.layers:  # a pipeline stage that owns no target only relays
-            self.stage.forward(self.model, **inputs)
-            return {}
-        with self.model.capture(**options) as outputs:
-            self.stage.forward(self.model, **inputs)
-        return dict(outputs)
+        return run_to_targets(self.model, self.stage, inputs, token_mask=token_mask,
+                              outlier_factor=outlier_factor)
 
     def _run(self, inputs: dict[str, Tensor]) -> Tensor | None:
         if self.stage is None:
@@ -120,14 +111,6 @@ class EvalHost:
         holder = [mine]
         dist.broadcast_object_list(holder, src=self.stage.owner(path), group=self.par.pp_group)
         return holder[0]
-
-    def all_stages(self, mine: dict) -> dict:
-        """A dict keyed by target merged over the pipeline stages, in stage order (a collective over them)."""
-        if self.stage is None:
-            return mine
-        parts = [None] * self.par.pp_size
-        dist.all_gather_object(parts, mine, group=self.par.pp_group)
-        return {key: value for part in parts for key, value in part.items()}
 
 
 def _attach_adapter(host: nn.Module, adapter: Path, par: ParallelState, targets: list[str] | None):

@@ -143,6 +143,15 @@ def sum_over_ranks(values: list[float], group: dist.ProcessGroup | None, device:
     return t.tolist()
 
 
+def merge_over_stages(mine: dict, par: ParallelState) -> dict:
+    """A dict keyed by target merged over the pipeline stages, in stage order (a collective over them)."""
+    if par.pp_group is None:
+        return mine
+    parts = [None] * par.pp_size
+    dist.all_gather_object(parts, mine, group=par.pp_group)
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def barrier(group: dist.ProcessGroup | None) -> None:
     if group is not None:
         dist.barrier(group=group)

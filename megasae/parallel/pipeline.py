@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, tr
 
 from megasae.parallel.distributed import ParallelState
 from megasae.parallel.plans import DECODER_LAYERS, plan_for, stage_layers, target_layer
+from megasae.peft import PeftSaeModel
 from megasae.peft.layer import StopForward
 
 
@@ -56,6 +57,22 @@ def tail_modules(host: nn.Module) -> tuple[nn.Module, nn.Module]:
     architecture of DECODER_LAYERS) and the LM head."""
     decoder = DECODER_LAYERS[host.config.model_type]
     return host.get_submodule(f"{decoder.rpartition('.')[0]}.norm"), host.get_output_embeddings()
+
+
+def run_to_targets(model: nn.Module, stage: PipelineStage | None, inputs: dict, **options) -> dict:
+    """One forward for the SAE outputs of `model`'s targets, `options` going to `capture`. Without a pipeline
+    it stops after the last target; a stage runs all its layers, since it hands its hidden state on, and a
+    stage without SAEs (`model` the bare host) only relays."""
+    if stage is None:
+        with model.stop_after_targets(**options) as outputs:
+            model(**inputs)
+        return dict(outputs)
+    if not isinstance(model, PeftSaeModel):
+        stage.forward(model, **inputs)
+        return {}
+    with model.capture(**options) as outputs:
+        stage.forward(model, **inputs)
+    return dict(outputs)
 
 
 def _hidden(output) -> Tensor:

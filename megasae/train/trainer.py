@@ -28,7 +28,8 @@ from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes
 from megasae.parallel.distributed import clip_grad_norm_
 from megasae.parallel.latents import shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.parallel.pipeline import PipelineStage, stage_targets
+from megasae.parallel.distributed import merge_over_stages
+from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
@@ -145,7 +146,7 @@ class Trainer:
                 compile_blocks(self.model)
             self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
             self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.lr = cfg.learning_rate(max(self._all_stages(self.num_latents).values()))
+        self.lr = cfg.learning_rate(max(merge_over_stages(self.num_latents, self.par).values()))
         self.lr_factor = warmup_then_linear_decay(cfg.warmup_steps, self.steps)
         self.optimizer, self.schedule = None, None
         if self.params:
@@ -189,18 +190,9 @@ class Trainer:
     def _forward(self, inputs: dict, token_mask: torch.Tensor, group: dist.ProcessGroup | None) -> dict:
         """One micro-batch through the host (this rank's stage of it): the SAE outputs of its targets, with
         b_dec's first mean, FVU's denominator and the dead counters over the ranks of `group`."""
-        if self.model is None:  # a relay stage
-            self.stage.forward(self.host, **inputs)
-            return {}
-        options = dict(token_mask=token_mask, outlier_factor=self.cfg.outlier_factor, group=group)
-        if self.stage is None:
-            with self.model.stop_after_targets(**options) as outputs:
-                self.model(**inputs)
-            return outputs
-        # A stage must run all its layers and hand the hidden state on: capture without stopping.
-        with self.model.capture(**options) as outputs:
-            self.stage.forward(self.model, **inputs)
-        return outputs
+        model = self.model if self.model is not None else self.host  # the bare host on a relay stage
+        return run_to_targets(model, self.stage, inputs, token_mask=token_mask,
+                              outlier_factor=self.cfg.outlier_factor, group=group)
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -230,7 +222,8 @@ class Trainer:
                     if self.held_out is not None and evaluate:
                         # The first replica reads the held-out rows alone: no data-parallel group.
                         forward = lambda inputs, mask: self._forward(inputs, mask, None)  # noqa: E731
-                        record.update(held_out_record(self._all_stages(self.held_out(self.model, forward))))
+                        per_target = merge_over_stages(self.held_out(self.model, forward), self.par)
+                        record.update(held_out_record(per_target))
                     log.log(record)
                     window_start, window_tokens = time.perf_counter(), 0
                 if stop_votes > 0:
@@ -253,20 +246,12 @@ class Trainer:
     def _summarise(self, metrics: StepMetrics, tokens_per_s: float) -> dict:
         names, values = metrics.flat()
         summed = dict(zip(names, sum_over_ranks(values, self.par.dp_group, self.par.device)))
-        summed = self._all_stages(summed)
+        summed = merge_over_stages(summed, self.par)
         record = {"step": self.step, "tokens": self.tokens}
         record.update(metrics.summarise(summed, self.par.dp_size))
         record["lr"] = self.lr * self.lr_factor(self.step)  # what the schedule set for the next step
         record["tokens_per_s"] = tokens_per_s
         return record
-
-    def _all_stages(self, mine: dict) -> dict:
-        """A dict keyed by target merged over the pipeline stages (a collective over the pipeline group)."""
-        if self.par.pp_group is None:
-            return mine
-        parts = [None] * self.par.pp_size
-        dist.all_gather_object(parts, mine, group=self.par.pp_group)
-        return {key: value for part in parts for key, value in part.items()}
 
     # -- checkpoints -----------------------------------------------------------------------------
 
