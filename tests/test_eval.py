@@ -16,7 +16,7 @@ from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.cli import main as cli_main
 from megasae.eval import EvalConfig, evaluate
 from megasae.eval.batches import held_out_batches
-from megasae.eval.files import write_atomic
+from megasae.files import write_atomic
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 

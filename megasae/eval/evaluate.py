@@ -13,7 +13,7 @@ from megasae import sae
 from megasae.data.masks import image_token_ids
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import EvalConfig, HeldOutData
-from megasae.eval.files import write_atomic
+from megasae.files import write_atomic
 from megasae.eval.metrics import NextTokenStats, ReconstructionStats, next_token_log_probs, token_groups
 from megasae.eval.plots import density_png, l0_png
 from megasae.eval.report import report_markdown
