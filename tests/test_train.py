@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from megasae import PeftSaeModel
 from megasae.cli import main as cli_main
+from megasae.errors import Interrupted
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 from megasae.train.checkpoint import latest_checkpoint
@@ -76,8 +77,9 @@ def test_bf16_compute_trains_float32_weights(host_dir, text_data, tmp_path):
     assert final(mixed) == pytest.approx(final(fp32), rel=0.05)
 
 
-def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Trainer:
-    """Run, sending this process SIGTERM right after step `stop_step`, as a scheduler would."""
+def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Interrupted:
+    """Run, sending this process SIGTERM right after step `stop_step`, as a scheduler would; the run
+    checkpoints and reports the interrupt."""
     trainer = Trainer(cfg)
     real_step = trainer.train_step
 
@@ -88,8 +90,9 @@ def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Trainer:
         return metrics
 
     trainer.train_step = step_then_sigterm
-    trainer.fit()
-    return trainer
+    with pytest.raises(Interrupted) as stopped:
+        trainer.fit()
+    return stopped.value
 
 
 def test_sigterm_checkpoints_between_steps_and_resume_continues_exactly(host_dir, text_data, tmp_path):
@@ -204,7 +207,7 @@ def test_cli_help_documents_every_flag(capsys):
         assert f"--{field.replace('_', '-')}" in help_text, field
 
 
-def test_cli_config_file_with_flag_overrides(host_dir, text_data, tmp_path, monkeypatch):
+def test_cli_config_file_with_flag_overrides(host_dir, text_data, tmp_path, monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr("megasae.train.train", lambda cfg: seen.setdefault("cfg", cfg))
     config_file = tmp_path / "run.yaml"
@@ -214,8 +217,10 @@ def test_cli_config_file_with_flag_overrides(host_dir, text_data, tmp_path, monk
     assert cfg.k == 6 and cfg.ctx_len == 16 and cfg.model == str(host_dir)
 
     config_file.write_text("kk: 8\n")
-    with pytest.raises(ValueError, match=r"unknown fields \['kk'\]"):
+    with pytest.raises(SystemExit) as exited:
         cli_main(["train", "--config", str(config_file)])
+    assert exited.value.code == 2
+    assert "unknown fields ['kk']" in capsys.readouterr().err
 
 
 def test_readme_documents_every_train_flag():

@@ -74,9 +74,12 @@ class MetricsLog:
                         desc="train")
         self.wandb = None
         if wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            if wandb_mode == "offline":
+                # wandb's error reporting (Sentry) looks its server up in DNS even offline.
+                os.environ["WANDB_ERROR_REPORTING"] = "false"
             import wandb
 
-            os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(output_dir), config=config,
                                     resume="allow")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +31,12 @@ from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
-from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from megasae.errors import Interrupted
+from megasae.files import staging_directory
+from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
 from megasae.train.metrics import MetricsLog, StepMetrics
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from megasae.train.run_dir import check_output_dir, clear_run, publish_adapter, roll_back_metrics
 
 
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
@@ -64,16 +64,20 @@ def make_optimizer(params: list[torch.Tensor], lr: float, zero1: bool, device: t
 
 class StopRequested:
     """SIGINT/SIGTERM set a flag that the loop checks between steps, so a step is never cut in half;
-    a second Ctrl-C interrupts at once."""
+    a second Ctrl-C interrupts at once. `signum` is the first signal received (0: none)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -97,10 +101,10 @@ class Trainer:
             )
         self.accumulation = cfg.batch_tokens // per_step
         self.steps = cfg.steps()
-        if cfg.resume and latest_checkpoint(cfg.output_dir) is None:
-            raise FileNotFoundError(f"--resume was given but {cfg.output_dir} holds no checkpoint to resume from.")
         if cfg.eval_every > 0 and cfg.eval_data is None:
             raise ValueError("--eval-every needs --eval-data: a Parquet file or directory of held-out rows, or 'builtin'.")
+        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+        checkpoint = self._checkpoint_to_resume() if cfg.resume else None
 
         data_args = dict(rank=self.par.dp_rank, world_size=self.par.dp_size, seed=cfg.seed,
                          text_column=cfg.text_column, messages_column=cfg.messages_column,
@@ -115,6 +119,7 @@ class Trainer:
         self.batches = build_batches(
             cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
         )
+        self._check_first_batch()
         # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the
         # host forward and the latent-parallel SAEs need each of them); the others wait at the next step.
         self.held_out = HeldOutEval(
@@ -154,8 +159,30 @@ class Trainer:
             self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
         self.tokens = 0
-        if cfg.resume:
-            self._restore(latest_checkpoint(cfg.output_dir))
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    def _checkpoint_to_resume(self) -> Path:
+        """The latest checkpoint, refused when this run changes a setting that changes the SAE or the data."""
+        cfg = self.cfg
+        checkpoint = latest_checkpoint(cfg.output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume was given but {cfg.output_dir} holds no checkpoint to resume from.")
+        saved = saved_config(checkpoint)
+        changed = cfg.resume_differences(saved) if saved is not None else []
+        if changed:
+            raise ValueError(
+                f"--resume: this run changes {'; '.join(changed)} from the checkpoint {checkpoint}; resume with "
+                "the same settings (only how long the run goes, how it logs, checkpoints and evaluates, and the "
+                "device may change: README, 'Failure and recovery') or start afresh with --overwrite."
+            )
+        return checkpoint
+
+    def _check_first_batch(self) -> None:
+        """Read one batch now, so data that yields no sequence fails before anything is written."""
+        state = self.batches.state_dict()
+        next(self.batches)
+        self.batches.load_state_dict(state)
 
     # -- one optimizer step ----------------------------------------------------------------------
 
@@ -199,7 +226,10 @@ class Trainer:
     def fit(self) -> Path:
         cfg, par = self.cfg, self.par
         if par.is_main:
-            cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite:
+                clear_run(cfg.output_dir)
+            if cfg.resume:
+                roll_back_metrics(cfg.output_dir, self.step)
             (cfg.output_dir / "config.json").write_text(cfg.to_json())
         log = MetricsLog(cfg.output_dir, self.steps * cfg.batch_tokens, self.tokens, par.is_main, cfg.wandb_mode,
                          cfg.wandb_project, {"train": vars(cfg)})
@@ -227,8 +257,9 @@ class Trainer:
                     log.log(record)
                     window_start, window_tokens = time.perf_counter(), 0
                 if stop_votes > 0:
-                    self.save_checkpoint()
-                    return cfg.output_dir
+                    saved = self.save_checkpoint()
+                    signum = stop.signum or signal.SIGTERM  # another rank received it
+                    raise Interrupted(signum, f"checkpoint {saved} holds step {self.step}; continue with --resume.")
                 if next_save is not None and self.tokens >= next_save and self.step < self.steps:
                     self.save_checkpoint()
                     next_save += cfg.save_every
@@ -272,7 +303,8 @@ class Trainer:
             "dead_counters": {l.module_path: dict(l.sae_tokens_since_fired.items()) for l in layers},
             "needs_init": {l.module_path: dict(l.sae_needs_init) for l in layers},
         }
-        return save_checkpoint(self.cfg.output_dir, self.step, self.par, self._save_adapter, state)
+        return save_checkpoint(self.cfg.output_dir, self.step, self.par, self._save_adapter, state,
+                               self.cfg.to_json())
 
     def _restore(self, checkpoint: Path) -> None:
         adapter = load_file(checkpoint / "adapter_model.safetensors")
@@ -333,14 +365,13 @@ class Trainer:
             add_stage_saes(directory, state, list(self.cfg.target_modules))  # ... and the other stages' join
 
     def _save_final_adapter(self) -> None:
-        """The output directory ends as a standard PEFT adapter, each file replaced atomically."""
+        """The output directory ends as a standard PEFT adapter, never a mix of two (see publish_adapter)."""
         if self.par.rank != self.writer_rank:
             self._whole_adapter_state()
             return
-        with tempfile.TemporaryDirectory(dir=self.cfg.output_dir) as tmp:
-            self._save_adapter(tmp)
-            for name in ADAPTER_FILES:
-                Path(tmp, name).replace(self.cfg.output_dir / name)
+        with staging_directory(self.cfg.output_dir / "adapter") as staged:
+            self._save_adapter(staged)
+            publish_adapter(staged, self.cfg.output_dir)
 
 
 def train(cfg: TrainConfig) -> Path:
