@@ -9,6 +9,8 @@ from pathlib import Path
 
 import tyro
 
+from megasae.errors import BAD_INPUT_EXIT, exit_code
+
 
 def _config_file(args: list[str]) -> Path | None:
     for i, arg in enumerate(args):
@@ -60,7 +62,7 @@ def bench_command(args: list[str]) -> None:
     from megasae.bench import BENCHMARKS
 
     if not args or args[0] not in BENCHMARKS:
-        sys.exit(f"usage: megasae bench <name> [flags]; valid names: {', '.join(BENCHMARKS)}.")
+        raise ValueError(f"name a benchmark: megasae bench <name> [flags]; valid names: {', '.join(BENCHMARKS)}.")
     BENCHMARKS[args[0]](args[1:])
 
 
@@ -71,11 +73,24 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; its refusals end in one line on stderr and a non-zero exit (see megasae.errors),
+    with the traceback only under --debug or MEGASAE_DEBUG=1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEGASAE_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<8}{fn.__doc__}" for name, fn in COMMANDS.items()]
-        print("usage: megasae <command> [flags]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: megasae <command> [flags] [--debug]\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
-            sys.exit(f"megasae: unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}.")
+            print(f"megasae: error: unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}.",
+                  file=sys.stderr)
+            sys.exit(BAD_INPUT_EXIT)
         return
-    COMMANDS[argv[0]](argv[1:])
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except Exception as err:
+        code = exit_code(err)
+        if debug or code is None:
+            raise
+        print(f"megasae {argv[0]}: error: {err}", file=sys.stderr)
+        sys.exit(code)

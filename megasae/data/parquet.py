@@ -47,10 +47,18 @@ def parquet_files(data: str | Path) -> list[Path]:
     return [path]
 
 
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """The file's footer, or one sentence saying it is not Parquet."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]}).") from None
+
+
 def row_groups(files: list[Path]) -> list[RowGroup]:
     groups = []
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        meta = open_parquet(path).metadata
         first = 0
         for i in range(meta.num_row_groups):
             rows = meta.row_group(i).num_rows
@@ -61,7 +69,7 @@ def row_groups(files: list[Path]) -> list[RowGroup]:
 
 def detect_schema(files: list[Path], text_column: str, messages_column: str, images_column: str) -> Schema:
     """Chat when the first file has ``messages_column``, else text; every file must have that column."""
-    schemas = {path: pq.ParquetFile(path).schema_arrow for path in files}
+    schemas = {path: open_parquet(path).schema_arrow for path in files}
     names = {path: schema.names for path, schema in schemas.items()}
     first = files[0]
     if messages_column in names[first]:

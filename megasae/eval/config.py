@@ -8,6 +8,9 @@ from typing import Literal
 
 import torch
 
+from megasae.checks import check_at_least, check_outlier_factor, check_types
+from megasae.parallel.distributed import resolve_device
+
 
 @dataclass
 class HeldOutData:
@@ -48,10 +51,13 @@ class HeldOutData:
     """Pipeline stages under torchrun: all the host's decoder layers split over this many stages (the last
     also runs the final norm and LM head), each SAE run on the stage owning its target."""
 
+    def __post_init__(self):
+        check_types(self)
+        check_at_least(self, 1, "max_tokens", "batch_size", "ctx_len", "tp", "pp")
+        check_outlier_factor(self.outlier_factor)
+
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32

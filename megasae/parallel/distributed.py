@@ -75,13 +75,21 @@ def _new_groups(
     return tp_groups, dp_groups, pp_groups
 
 
+def resolve_device(device: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu' or 'cuda'; 'cuda' without a usable GPU is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch finds no usable CUDA GPU here; use --device cpu (or auto).")
+    return torch.device(device)
+
+
 def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1) -> ParallelState:
     """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU); otherwise a single process.
 
     Every rank builds every group (torch.distributed requires it) and keeps the three it belongs to.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device).type
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_parallel_sizes(world_size, tp, pp)
     if world_size == 1:

@@ -11,6 +11,9 @@ from typing import Literal
 
 import yaml
 
+from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
+from megasae.errors import SettingError
+
 
 @dataclass
 class TrainConfig:
@@ -71,7 +74,10 @@ class TrainConfig:
     output_dir: Path = Path("runs/megasae")
     """Where the adapter, checkpoints, metrics.jsonl and the resolved config go."""
     resume: bool = False
-    """Continue from the checkpoint in --output-dir."""
+    """Continue from the latest checkpoint in --output-dir, with the same settings (those that may change
+    are listed in RESUME_MAY_CHANGE)."""
+    overwrite: bool = False
+    """Start afresh in an --output-dir that holds a run, deleting its checkpoints, metrics and adapter."""
     save_every: int = 0
     """Write a checkpoint every this many tokens; 0 means only at the end and on interrupt."""
     log_every: int = 10
@@ -101,6 +107,18 @@ class TrainConfig:
     config: Path | None = None
     """A YAML or JSON file of these fields; flags given on the command line override it."""
 
+    def __post_init__(self):
+        check_types(self)
+        check_at_least(self, 1, "k", "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len", "log_every",
+                       "eval_tokens", "dead_tokens_threshold", "expansion_factor", "tp", "pp")
+        check_at_least(self, 0, "num_latents", "auxk_alpha", "warmup_steps", "grad_clip", "save_every",
+                       "eval_every")
+        check_outlier_factor(self.outlier_factor)
+        if self.lr is not None and self.lr <= 0:
+            raise SettingError(f"--lr must be above 0, got {self.lr}.")
+        if self.resume and self.overwrite:
+            raise SettingError("--resume continues the run in --output-dir and --overwrite deletes it: give one.")
+
     def steps(self) -> int:
         return max(self.max_tokens // self.batch_tokens, 1)
 
@@ -108,15 +126,35 @@ class TrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
 
     def to_json(self) -> str:
+        """The settings, with the paths of local files resolved: the record a resumed run is compared with."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("model", "data", "eval_data"):
+            if fields[name] is not None and fields[name] != "builtin" and Path(fields[name]).exists():
+                fields[name] = str(Path(fields[name]).resolve())
         return json.dumps(fields, indent=2, default=str)
+
+    def resume_differences(self, saved: dict) -> list[str]:
+        """Each setting the checkpoint was trained with that this run changes, as 'FLAG OLD -> NEW'."""
+        mine = json.loads(self.to_json())
+        return [f"{flag(name)} {saved[name]!r} -> {mine[name]!r}" for name in mine
+                if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != mine[name]]
+
+
+# What a resumed run may change: how long it runs, how it logs, checkpoints and evaluates, and where it runs.
+# Everything else changes the SAE or the data order and must match the checkpoint.
+RESUME_MAY_CHANGE = ("max_tokens", "save_every", "log_every", "eval_every", "eval_data", "eval_tokens",
+                     "wandb_mode", "wandb_project", "output_dir", "resume", "overwrite", "config", "device",
+                     "compile")
 
 
 def load_config_file(path: Path) -> dict:
     """The fields of a YAML or JSON config file, checked against TrainConfig."""
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"Config file {path} is not valid YAML or JSON: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of TrainConfig fields.")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
