@@ -18,7 +18,7 @@ def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
 
 
 def _active_sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
-    layers = [m for m in sae_layers(model) if m.active_adapters and not m.disable_adapters]
+    layers = [m for m in sae_layers(model) if m.active_saes and not m.disable_adapters]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no active TopK SAE; attach one with get_peft_sae_model.")
     return layers

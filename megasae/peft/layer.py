@@ -212,7 +212,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         result = self.base_layer(*args, **kwargs)
-        if self.disable_adapters or not self.active_adapters:
+        if self.disable_adapters or not self.active_saes:
             return result
         adapter = self._the_active_adapter()
         hidden = _hidden_state(self.module_path, result)
@@ -234,13 +234,19 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         rows = rows.view_as(hidden)
         return (rows, *result[1:]) if isinstance(result, tuple) else rows
 
+    @property
+    def active_saes(self) -> list[str]:
+        """The active adapters this layer holds: peft activates an adapter model-wide, also on the layers
+        of modules it does not target, which then pass their module's output on unchanged."""
+        return [adapter for adapter in self.active_adapters if adapter in self.sae_spec]
+
     def _the_active_adapter(self) -> str:
-        if len(self.active_adapters) > 1:
+        if len(self.active_saes) > 1:
             raise ValueError(
-                f"The SAE layer {self.module_path!r} runs one adapter at a time, but {self.active_adapters} are "
+                f"The SAE layer {self.module_path!r} runs one adapter at a time, but {self.active_saes} are "
                 "active; choose one with set_adapter(name)."
             )
-        return self.active_adapters[0]
+        return self.active_saes[0]
 
     def _splicing(self) -> bool:
         if self.capture_session is not None or self.sae_mode == "capture":
