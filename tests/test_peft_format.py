@@ -136,6 +136,20 @@ def test_multiple_adapters_save_and_load_each(tmp_path):
     assert torch.equal(down.sae_W_dec["wide"], model.get_base_model().down.sae_W_dec["wide"])
 
 
+def test_an_adapter_runs_only_on_the_modules_it_targets():
+    # peft activates "other" on every SAE layer, also on up's, which holds only "default".
+    model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=2, num_latents=8, target_modules=["up"]))
+    model.add_adapter("other", TopKSaeConfig(k=2, num_latents=8, target_modules=["down"]))
+    model.set_adapter("other")
+    x = torch.randn(4, 16)
+    with model.stop_after_targets() as outputs:
+        model(x)
+    assert list(outputs) == ["down"]
+    model.eval()
+    up = model.get_base_model().up
+    with torch.no_grad():
+        assert torch.equal(up(x), up.base_layer(x))
+
 def test_disable_unload_and_delete():
     model = trained_mlp_adapter()
     model.eval()  # splice

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from megasae import sae
-from megasae.peft.layer import CaptureSession, Replacement, SaeMode, StopForward, TopKSaeLayer
+from megasae.peft.layer import CaptureSession, HiddenRecord, Replacement, SaeMode, StopForward, TopKSaeLayer
 
 
 def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
@@ -18,7 +18,7 @@ def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
 
 
 def _active_sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
-    layers = [m for m in sae_layers(model) if m.active_adapters and not m.disable_adapters]
+    layers = [m for m in sae_layers(model) if m.active_saes and not m.disable_adapters]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no active TopK SAE; attach one with get_peft_sae_model.")
     return layers
@@ -93,6 +93,53 @@ def capture(
 def stop_after_targets(model: nn.Module, **options):
     """`capture(model, stop_after_targets=True, **options)`: the forward costs only what the SAEs need."""
     return capture(model, stop_after_targets=True, **options)
+
+
+def start_hidden_cache(holder: nn.Module, with_cache: bool) -> list[TopKSaeLayer]:
+    """Begin a forward of `holder` (a tuner model or a host with SAEs injected): empty its
+    `input_hidden_dict` / `output_hidden_dict`, so that nothing of the previous forward stays alive, and with
+    `with_cache` have every SAE layer under it record into them, keyed by the layer's name in `holder`.
+    Returns the layers to pass to `stop_hidden_cache` when the forward ends."""
+    holder.input_hidden_dict.clear()
+    holder.output_hidden_dict.clear()
+    if not with_cache:
+        return []
+    layers = [(name, m) for name, m in holder.named_modules() if isinstance(m, TopKSaeLayer)]
+    for name, layer in layers:
+        layer.hidden_record = HiddenRecord(name, holder.input_hidden_dict, holder.output_hidden_dict)
+    return [layer for _, layer in layers]
+
+
+def stop_hidden_cache(layers: list[TopKSaeLayer]) -> None:
+    for layer in layers:
+        layer.hidden_record = None
+
+
+class _HostCacheHooks:
+    """Forward hooks that let a host with SAEs injected take `with_cache`; its own forward never sees it."""
+
+    def __init__(self) -> None:
+        self.recording: list[TopKSaeLayer] = []
+
+    def before(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.recording = start_hidden_cache(host, kwargs.pop("with_cache", False))
+        return args, kwargs
+
+    def after(self, host: nn.Module, args: tuple, output) -> None:
+        stop_hidden_cache(self.recording)
+        self.recording = []
+
+
+def accept_with_cache(host: nn.Module) -> None:
+    """Give `host` its `input_hidden_dict`, `output_hidden_dict` and a forward that takes `with_cache`:
+    for a host from `inject_adapter_in_model`, whose tuner nobody holds. Once, though each adapter builds
+    a tuner."""
+    if hasattr(host, "input_hidden_dict"):
+        return
+    host.input_hidden_dict, host.output_hidden_dict = {}, {}
+    hooks = _HostCacheHooks()
+    host.register_forward_pre_hook(hooks.before, with_kwargs=True)
+    host.register_forward_hook(hooks.after, always_call=True)
 
 
 def sae_outputs(model: nn.Module) -> dict[str, sae.SaeOutput]:

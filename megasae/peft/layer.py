@@ -5,7 +5,8 @@ Modes (DESIGN.md, "Host semantics of an attached SAE"):
   the module's input) and records an `SaeOutput` with its losses for the training loop;
 - splice: the module's output is replaced by the SAE's reconstruction.
 `sae_mode = "auto"` follows the host: `model.train()` captures, `model.eval()` splices.
-A capture session (`megasae.capture`) always captures.
+A capture session (`megasae.capture`) always captures. In either mode a forward called with
+`with_cache=True` also records what the SAE read and produced (`HiddenRecord`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ class CaptureSession:
         self.captured_this_forward.add(module_path)
         if self.stop_after_targets and len(self.captured_this_forward) == self.num_targets:
             raise StopForward
+
+
+@dataclass(frozen=True)
+class HiddenRecord:
+    """Where a layer puts, during a forward called with `with_cache=True`, what its SAE read and produced."""
+
+    key: str
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,13 @@ def _rows_to_read(rows: Tensor, module_path: str, leading_shape: torch.Size,
     return keep
 
 
+def _replace_rows(hidden: Tensor, kept: Tensor | None, new_rows: Tensor | int) -> Tensor:
+    """`hidden` with the rows an SAE read (`kept`; all when None) replaced by `new_rows`."""
+    rows = hidden.flatten(0, -2).clone()
+    rows[slice(None) if kept is None else kept] = new_rows
+    return rows.view_as(hidden)
+
+
 class TopKSaeLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
     other_param_names = ("sae_spec", "sae_tokens_since_fired", "sae_needs_init")
@@ -142,6 +159,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         self.sae_mode: SaeMode = "auto"
         self.sae_output: sae.SaeOutput | None = None
         self.capture_session: CaptureSession | None = None
+        self.hidden_record: HiddenRecord | None = None
         # Set by megasae.parallel.shard_saes: this rank then holds one block of latents of the group's.
         self.latent_group: dist.ProcessGroup | None = None
         self._disable_adapters = False
@@ -212,7 +230,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         result = self.base_layer(*args, **kwargs)
-        if self.disable_adapters or not self.active_adapters:
+        if self.disable_adapters or not self.active_saes:
             return result
         adapter = self._the_active_adapter()
         hidden = _hidden_state(self.module_path, result)
@@ -220,27 +238,43 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         sae_in = _module_input(self.module_path, args, kwargs) if spec.transcode else hidden
         if self._splicing():
             x_hat = self._reconstruct(adapter, sae_in).to(hidden.dtype)
+            if self.hidden_record is not None:
+                self._record_hidden(sae_in, x_hat)
             return (x_hat, *result[1:]) if isinstance(result, tuple) else x_hat
-        self._capture(adapter, sae_in, hidden)
+        out = self._capture(adapter, sae_in, hidden)
+        if self.hidden_record is not None:
+            self._record_hidden(sae_in, _replace_rows(hidden, out.kept, out.x_hat.to(hidden.dtype)))
         session = self.capture_session
-        replacement = session.replace.get(self.module_path) if session is not None else None
+        if session is None:
+            return result
+        session.record(self.module_path, out)  # the last target of a truncated forward stops it here
+        replacement = session.replace.get(self.module_path)
         if replacement is None:
             return result
         # Only the rows the SAE read change: splicing or ablating position 0, special tokens or outliers,
         # which it never trained on, would measure those rows rather than the SAE.
-        out, rows = self.sae_output, hidden.flatten(0, -2).clone()
-        new_rows = 0 if replacement == "zero" else out.x_hat.to(rows.dtype)
-        rows[slice(None) if out.kept is None else out.kept] = new_rows
-        rows = rows.view_as(hidden)
+        rows = _replace_rows(hidden, out.kept, 0 if replacement == "zero" else out.x_hat.to(hidden.dtype))
         return (rows, *result[1:]) if isinstance(result, tuple) else rows
 
+    def _record_hidden(self, read: Tensor, produced: Tensor) -> None:
+        """What the SAE read and what it produced, each as [tokens, width] (autograd graph kept)."""
+        record = self.hidden_record
+        record.inputs[record.key] = read.flatten(0, -2)
+        record.outputs[record.key] = produced.flatten(0, -2)
+
+    @property
+    def active_saes(self) -> list[str]:
+        """The active adapters this layer holds: peft activates an adapter model-wide, also on the layers
+        of modules it does not target, which then pass their module's output on unchanged."""
+        return [adapter for adapter in self.active_adapters if adapter in self.sae_spec]
+
     def _the_active_adapter(self) -> str:
-        if len(self.active_adapters) > 1:
+        if len(self.active_saes) > 1:
             raise ValueError(
-                f"The SAE layer {self.module_path!r} runs one adapter at a time, but {self.active_adapters} are "
+                f"The SAE layer {self.module_path!r} runs one adapter at a time, but {self.active_saes} are "
                 "active; choose one with set_adapter(name)."
             )
-        return self.active_adapters[0]
+        return self.active_saes[0]
 
     def _splicing(self) -> bool:
         if self.capture_session is not None or self.sae_mode == "capture":
@@ -263,7 +297,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
 
-    def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> None:
+    def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> sae.SaeOutput:
         session = self.capture_session
         group = session.group if session is not None else None
         dtype = self.sae_spec[adapter].compute_dtype
@@ -286,8 +320,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         if self.training:
             sae.update_dead_counters(self.sae_tokens_since_fired[adapter], output.indices, output.values, group)
         self.sae_output = output
-        if session is not None:
-            session.record(self.module_path, output)
+        return output
 
     @torch.no_grad()
     def _fit_encoder_scale(self, adapter: str, x: Tensor, group: dist.ProcessGroup | None) -> None:

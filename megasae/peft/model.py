@@ -48,6 +48,15 @@ class PeftSaeModel(PeftModel):
         config.init_sae_weights = False  # the weights come from the file
         return super().from_pretrained(model, model_id, adapter_name, is_trainable, config, **kwargs)
 
+    def forward(self, *args, with_cache: bool = False, **kwargs):
+        """`with_cache=True` also fills `self.base_model.input_hidden_dict` and `output_hidden_dict` with what
+        each SAE read and produced; the host's own forward never sees the flag (README, "Python API")."""
+        recording = control.start_hidden_cache(self.base_model, with_cache)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            control.stop_hidden_cache(recording)
+
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args, **kwargs):
         if os.path.isdir(model_id):
             check_sae_adapter(model_id)

@@ -6,8 +6,9 @@ import difflib
 import re
 
 from peft.tuners.tuners_utils import BaseTuner
-from torch import nn
+from torch import Tensor, nn
 
+from megasae.peft import control
 from megasae.peft.config import TopKSaeConfig
 from megasae.peft.layer import TopKSaeLayer
 
@@ -36,6 +37,14 @@ class TopKSaeModel(BaseTuner):
     prefix: str = "sae_"
     tuner_layer_cls = TopKSaeLayer
     target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model: nn.Module, *args, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        # Filled by PeftSaeModel's forward with `with_cache=True`, keyed relative to this tuner
+        # ("model.<path>"), as the original project's tuner did.
+        self.input_hidden_dict: dict[str, Tensor] = {}
+        self.output_hidden_dict: dict[str, Tensor] = {}
+        control.accept_with_cache(model)
 
     def _pre_injection_hook(self, model: nn.Module, config: TopKSaeConfig, adapter_name: str) -> None:
         check_targets_exist(model, config)
