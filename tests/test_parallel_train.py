@@ -5,10 +5,14 @@ one element of 4096 off by 2.2e-5). Resuming under TP = 2 restores each rank's l
 TP = 2 x DP = 2 on four ranks: test_parallel_train_dp.py."""
 
 import dataclasses
+import os
+import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from megasae.errors import Interrupted
 from megasae.train import TrainConfig, Trainer
 
 from data_fixtures import write_parquet
@@ -55,3 +59,51 @@ def test_tp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def _sigterm_after(trainer, stop_step):
+    real_step = trainer.train_step
+
+    def step_then_sigterm():
+        metrics = real_step()
+        if trainer.step == stop_step and trainer.par.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_sigterm
+    with pytest.raises(Interrupted):
+        trainer.fit()
+
+
+def _resume_at_tp2_rank(rank, world_size, cfg):
+    _sigterm_after(Trainer(dataclasses.replace(cfg, resume=True, tp=2)), stop_step=6)
+
+
+def test_resume_across_tensor_parallel_sizes_matches_an_uninterrupted_run(host_dir, tmp_path):
+    """One process for 3 steps, two TP ranks for 3 more, one process to the end: the same adapter as one
+    uninterrupted process (the checkpoint holds whole SAEs and Adam moments; each TP size reshards them)."""
+    data = text_rows(tmp_path / "text.parquet")
+    cfg = _config(host_dir, data, tmp_path / "straight", max_tokens=128 * 8)
+    Trainer(cfg).fit()
+    split = dataclasses.replace(cfg, output_dir=tmp_path / "split")
+    _sigterm_after(Trainer(split), stop_step=3)
+    run_ranks(_resume_at_tp2_rank, 2, split)
+    resumed = Trainer(dataclasses.replace(split, resume=True))
+    assert resumed.step == 6
+    resumed.fit()
+    expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "split" / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def _two_data_parallel_ranks(rank, world_size, cfg):
+    with pytest.raises(ValueError, match=r"written by 1 ranks at --tp 1, this run has 2 at --tp 1"):
+        Trainer(dataclasses.replace(cfg, resume=True))
+
+
+def test_resume_refuses_another_number_of_data_parallel_ranks(host_dir, tmp_path):
+    data = text_rows(tmp_path / "text.parquet")
+    cfg = _config(host_dir, data, tmp_path / "run")
+    _sigterm_after(Trainer(cfg), stop_step=2)
+    run_ranks(_two_data_parallel_ranks, 2, cfg)

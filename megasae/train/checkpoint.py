@@ -99,13 +99,23 @@ def save_checkpoint(
     return root / name
 
 
-def load_trainer_state(checkpoint: Path, par: ParallelState) -> dict:
-    path = checkpoint / f"trainer-rank{par.rank}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Checkpoint {checkpoint} has no state for rank {par.rank}: it was written by a run with another "
-            "number of ranks; resume with the same world size."
+def _saved_rank(checkpoint: Path, saved_tp: int, par: ParallelState) -> int:
+    """The rank whose state this rank resumes from. The states hold whole SAEs and Adam moments, so --tp may
+    change: every rank reads the first TP rank's file of its data-parallel rank and pipeline stage. The data
+    position is per data-parallel rank, so their number and the stages must stay."""
+    saved_world = len(list(checkpoint.glob("trainer-rank*.pt")))
+    saved_dp = saved_world // (saved_tp * par.pp_size)
+    if saved_dp != par.dp_size or saved_world != saved_dp * saved_tp * par.pp_size:
+        raise ValueError(
+            f"Checkpoint {checkpoint} was written by {saved_world} ranks at --tp {saved_tp}, this run has "
+            f"{par.world_size} at --tp {par.tp_size} and --pp {par.pp_size}: resume with the same number of "
+            f"data-parallel ranks ({saved_world // saved_tp // par.pp_size}) and --pp (--tp may change)."
         )
+    return (par.pp_rank * par.dp_size + par.dp_rank) * saved_tp
+
+
+def load_trainer_state(checkpoint: Path, par: ParallelState, saved_tp: int) -> dict:
+    path = checkpoint / f"trainer-rank{_saved_rank(checkpoint, saved_tp, par)}.pt"
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:

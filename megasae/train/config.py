@@ -140,11 +140,12 @@ class TrainConfig:
                 if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != mine[name]]
 
 
-# What a resumed run may change: how long it runs, how it logs, checkpoints and evaluates, and where it runs.
+# What a resumed run may change: how long it runs, how it logs, checkpoints and evaluates, and where it runs
+# (the device, and --tp: checkpoints hold whole SAEs and Adam moments).
 # Everything else changes the SAE or the data order and must match the checkpoint.
 RESUME_MAY_CHANGE = ("max_tokens", "save_every", "log_every", "eval_every", "eval_data", "eval_tokens",
                      "wandb_mode", "wandb_project", "output_dir", "resume", "overwrite", "config", "device",
-                     "compile")
+                     "compile", "tp")
 
 
 def load_config_file(path: Path) -> dict:

@@ -25,7 +25,7 @@ from megasae.models import compile_blocks, load_host_model
 from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
 from megasae.parallel.distributed import clip_grad_norm_
-from megasae.parallel.latents import shard_rows
+from megasae.parallel.latents import gather_rows, shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
@@ -291,7 +291,8 @@ class Trainer:
             self.optimizer.consolidate_state_dict(to=0)
             optimizer_state = self.optimizer.state_dict() if self.par.is_main else None
         else:
-            optimizer_state = self.optimizer.state_dict() if self.optimizer is not None else None
+            optimizer_state = self._reshard_optimizer_state(self.optimizer.state_dict(), gather_rows) \
+                if self.optimizer is not None else None
         layers = sae_layers(self.model) if self.model is not None else []
         state = {
             "step": self.step,
@@ -317,9 +318,12 @@ class Trainer:
                 raise ValueError(f"Checkpoint {checkpoint} has no {saved_key}: it was written for other target modules.")
             whole = adapter[saved_key]  # the saved adapter is whole; a latent-parallel rank keeps its rows
             param.copy_(whole if whole.shape == param.shape else shard_rows(whole, self.par.tp_group))
-        state = load_trainer_state(checkpoint, self.par)
+        saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
+        state = load_trainer_state(checkpoint, self.par, saved_tp)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
             state["optimizer"] = self._broadcast_object(state["optimizer"])
+        elif self.optimizer is not None:
+            state["optimizer"] = self._reshard_optimizer_state(state["optimizer"], shard_rows)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
@@ -331,6 +335,20 @@ class Trainer:
                 layer.sae_tokens_since_fired[adapter_name].copy_(counters)
             layer.sae_needs_init.update(state["needs_init"][layer.module_path])
         self.step, self.tokens = state["step"], state["tokens"]
+
+    def _reshard_optimizer_state(self, state: dict, reshard) -> dict:
+        """`state` (an optimizer state dict) with the per-latent moments of latent-parallel SAEs passed through
+        `reshard`: gather_rows to save them whole, shard_rows to keep this rank's latents of whole ones. The
+        optimizer's own moments are never modified."""
+        if self.par.tp_group is None:
+            return state
+        sharded = sharded_parameters(self.model)
+        per_param = dict(state["state"])
+        for index, param in enumerate(self.params):
+            if id(param) in sharded and index in per_param:
+                per_param[index] = {key: reshard(value, self.par.tp_group) if torch.is_tensor(value) and value.dim()
+                                    else value for key, value in per_param[index].items()}
+        return {**state, "state": per_param}
 
     def _broadcast_object(self, obj):
         holder = [obj]
