@@ -18,6 +18,7 @@ import megasae
 from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
 from megasae.data import token_batches
 from megasae.models import load_host_model
+from megasae.train import sae_step
 
 TARGET = "model.layers.15"  # the output of decoder layer 15 (of 30): the residual stream there
 # Attention sinks have norms 25-150x the median token's and would hold most of the variance:
@@ -80,10 +81,8 @@ def main() -> None:
             peft_model(input_ids=ids)
         loss = sum(out.loss for out in outputs.values())
         loss.backward()
-        peft_model.remove_parallel_decoder_grads()
-        optimizer.step()
-        optimizer.zero_grad()
-        peft_model.normalize_decoders()
+        # The trainer's step: the decoder rows' parallel gradient removed, Adam, the rows renormalised.
+        sae_step(peft_model, optimizer)
 
         fvus.append(outputs[TARGET].fvu.item())
         l0s.append(outputs[TARGET].l0.item())

@@ -73,9 +73,9 @@ class _Traffic:
 
 def _rank_main(rank: int, world_size: int, tp: int, port: int, args, result_file: str) -> None:
     from megasae import TopKSaeConfig, get_peft_sae_model
-    from megasae.parallel import init_distributed, shard_model, sum_gradients
-    from megasae.parallel.adapter import shard_saes, sharded_parameters
-    from megasae.parallel.distributed import clip_grad_norm_
+    from megasae.parallel import init_distributed, shard_model
+    from megasae.parallel.adapter import shard_saes
+    from megasae.train import sae_step
 
     torch.set_num_threads(args.threads)
     os.environ.update(
@@ -90,9 +90,7 @@ def _rank_main(rank: int, world_size: int, tp: int, port: int, args, result_file
     )
     shard_saes(model, par.tp_group)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-4, foreach=True)
-    sharded = sharded_parameters(model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     ids = torch.randint(0, 512, (args.batch, args.ctx_len), generator=torch.Generator().manual_seed(0))
     ids = ids[par.dp_rank :: par.dp_size]
 
@@ -100,11 +98,7 @@ def _rank_main(rank: int, world_size: int, tp: int, port: int, args, result_file
         with model.stop_after_targets(group=par.dp_group) as outputs:
             model(input_ids=ids)
         outputs[target].loss.backward()
-        sum_gradients(params, par.dp_group)
-        clip_grad_norm_(params, 1.0, sharded, par.tp_group)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.normalize_decoders()
+        sae_step(model, optimizer, par, grad_clip=1.0)  # the trainer's step
 
     for _ in range(args.warmup):
         step()

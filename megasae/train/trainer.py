@@ -22,9 +22,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from megasae.data import build_batches, open_source
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.models import compile_blocks, load_host_model
-from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
+from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
-from megasae.parallel.distributed import clip_grad_norm_
 from megasae.parallel.latents import gather_rows, shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.distributed import merge_over_stages
@@ -37,6 +36,7 @@ from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save
 from megasae.train.config import TrainConfig
 from megasae.train.metrics import MetricsLog, StepMetrics
 from megasae.train.run_dir import check_output_dir, clear_run, publish_adapter, roll_back_metrics
+from megasae.train.step import sae_step
 
 
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
@@ -199,18 +199,9 @@ class Trainer:
                 loss.backward()
             metrics.add(outputs, self.num_latents)
             tokens += batch.num_tokens
-        sum_gradients(self.params, self.par.dp_group)
-        if self.model is not None:
-            self.model.remove_parallel_decoder_grads()
-        if self.cfg.grad_clip > 0:
-            sharded = sharded_parameters(self.model) if self.model is not None else set()
-            clip_grad_norm_(self.params, self.cfg.grad_clip, sharded, self.par.tp_group, self.par.pp_group,
-                            self.par.device)
-        if self.optimizer is not None:
-            self.optimizer.step()
+        sae_step(self.model, self.optimizer, self.par, self.cfg.grad_clip)
+        if self.schedule is not None:
             self.schedule.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.model.normalize_decoders()
         self.step += 1
         return metrics, tokens
 
