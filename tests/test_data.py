@@ -221,7 +221,8 @@ def test_file_without_the_column(tokenizer, tmp_path):
     write_parquet(tmp_path / "b.parquet", [{"body": "wrong"}])
     with pytest.raises(ValueError, match=r"b\.parquet has no 'text' column; its columns are: body"):
         stream(tmp_path, tokenizer)
-    with pytest.raises(ValueError, match=r"b\.parquet has neither a 'msgs' column .* nor a 'body2' column"):
+    with pytest.raises(ValueError, match=r"b\.parquet has no 'msgs' column .*, 'body2' column .* or 'input_ids' "
+                                         r"column \(token ids\); its columns are: body"):
         stream(tmp_path / "b.parquet", tokenizer, messages_column="msgs", text_column="body2")
 
 
@@ -308,3 +309,44 @@ def test_chat_batch_feeds_a_tiny_qwen25vl(processor, chat_file):
     with torch.no_grad():
         logits = model(**batch.inputs).logits
     assert logits.shape[:2] == batch.inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def _token_rows(tokenizer, texts):
+    return [{"input_ids": tokenizer.encode(text, add_special_tokens=False)} for text in texts]
+
+
+def test_token_ids_give_the_text_paths_own_batches(tokenizer, text_dir, tmp_path):
+    """Rows of token ids that hold the text path's own tokens, in the same files and row groups, give
+    bit-identical batches on every rank, across epochs, and resume the same way."""
+    for name, size in (("a", 3), ("b", 4), ("c", None)):
+        texts = pq.read_table(text_dir / f"{name}.parquet").column("text").to_pylist()
+        kwargs = {"row_group_size": size} if size else {}
+        write_parquet(tmp_path / f"{name}.parquet", _token_rows(tokenizer, texts), **kwargs)
+    for rank in (0, 1):
+        def texts():
+            return stream(text_dir, tokenizer, rank=rank, world_size=2, batch_size=1)
+
+        def ids():
+            return stream(tmp_path, tokenizer, rank=rank, world_size=2, batch_size=1)
+
+        assert same_batches(list(itertools.islice(ids(), 30)), list(itertools.islice(texts(), 30)))
+    check_resume(lambda: stream(tmp_path, tokenizer, rank=1, world_size=2, batch_size=1), taken=10, then=20)
+
+
+def test_long_token_rows_are_cut_into_sequences(tokenizer, tmp_path):
+    ids = list(range(3, 3 + 20))  # one row of 20 ids, ctx_len 8: 21 tokens with the EOS
+    data = write_parquet(tmp_path / "ids.parquet", [{"input_ids": ids}])
+    batch = next(stream(data, tokenizer, ctx_len=8, batch_size=2))
+    assert batch.inputs["input_ids"].flatten().tolist() == ids[:16]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"input_ids": [1, 2, 10_000]}], r"ids\.parquet row 0 holds token id 10000, outside the tokenizer's "
+                                       r"vocabulary \(ids 0 to \d+\)"),
+    ([{"input_ids": [1, -3]}], "holds token id -3"),
+    ([{"input_ids": ["a", "b"]}], "column 'input_ids' holds list<.*>, not lists of integer token ids"),
+])
+def test_bad_token_ids_are_refused_in_one_sentence(tokenizer, tmp_path, rows, message):
+    data = write_parquet(tmp_path / "ids.parquet", rows)
+    with pytest.raises(ValueError, match=message):
+        next(stream(data, tokenizer))

@@ -181,7 +181,7 @@ def test_resume_without_a_checkpoint(host_dir, text_data, tmp_path):
     "data, tokens, message",
     [
         ("missing.parquet", "all", "does not exist"),
-        ("numbers.parquet", "all", "neither a 'messages' column"),
+        ("numbers.parquet", "all", "has no 'messages' column"),
         ("empty.parquet", "all", "holds no rows"),
         ("text.parquet", "image", "needs chat data with images"),
     ],

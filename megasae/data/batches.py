@@ -9,7 +9,7 @@ import torch
 
 from megasae.data.chat import ChatEncoder, collate
 from megasae.data.masks import TOKEN_CHOICES, TokenMasker, image_token_ids, tokenizer_of
-from megasae.data.parquet import detect_schema, parquet_files, row_groups
+from megasae.data.parquet import TOKENS_COLUMN, detect_schema, parquet_files, row_groups
 from megasae.data.sources import BuiltinDocuments, ParquetRows
 
 
@@ -66,27 +66,39 @@ class BatchStream:
 
 
 class PackedTextStream(BatchStream):
-    """Documents tokenized and packed into full ctx_len sequences, an EOS after each document
-    (the stream pack_tokens builds); no padding."""
+    """Documents packed into full ctx_len sequences, an EOS after each document (the stream pack_tokens
+    builds); no padding. A document is text to tokenize or, from a token-id column, its ids as they are:
+    so token rows that hold the text path's own tokens give the very same batches."""
 
-    def __init__(
-        self, source, name, masker, batch_size, identity, tokenizer, ctx_len: int, column: str | None
-    ):
+    def __init__(self, source, name, masker, batch_size, identity, tokenizer, ctx_len: int, column: str | None,
+                 pretokenized: bool = False):
         super().__init__(source, name, masker, batch_size, identity)
-        self._column = column  # a row's text column; None when the items are the texts
+        self._column = column  # a row's text or token-id column; None when the items are the texts
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 f"{type(tokenizer).__name__} has no eos_token_id to separate documents; set its eos_token."
             )
         self._tokenizer, self._eos_id, self._ctx_len = tokenizer, tokenizer.eos_token_id, ctx_len
+        self._pretokenized, self._vocab_size = pretokenized, len(tokenizer)
         self._carry: list[int] = []  # tokens read but not yet batched
+
+    def _ids(self, item, where: str) -> list[int]:
+        doc = item if self._column is None else item[self._column]
+        if not self._pretokenized:
+            return self._tokenizer.encode(doc, add_special_tokens=False) if doc else []
+        ids = doc or []
+        if ids and not 0 <= min(ids) <= max(ids) < self._vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
+            raise ValueError(
+                f"{where} holds token id {bad}, outside the tokenizer's vocabulary (ids 0 to "
+                f"{self._vocab_size - 1}): were these ids made with another tokenizer?"
+            )
+        return ids
 
     def __next__(self) -> Batch:
         need, idle = self.batch_size * self._ctx_len, 0
         while len(self._carry) < need:
-            item, _ = self._pull()
-            doc = item if self._column is None else item[self._column]
-            ids = self._tokenizer.encode(doc, add_special_tokens=False) if doc else []
+            ids = self._ids(*self._pull())
             full = len(self._carry) // self._ctx_len
             if ids:
                 self._carry += ids + [self._eos_id]
@@ -145,8 +157,8 @@ def open_source(
     images_column: str = "images",
     tokens: str = "all",
 ):
-    """The row source of ``data`` for one rank, its name for messages and its kind ("builtin", "text"
-    or "chat"). Reads only Parquet footers, so every error about files, columns, emptiness and
+    """The row source of ``data`` for one rank, its name for messages and its kind ("builtin", "text",
+    "tokens" or "chat"). Reads only Parquet footers, so every error about files, columns, emptiness and
     ``tokens`` comes out here at once, without a tokenizer."""
     for label, value, low in (("world_size", world_size, 1), ("seed", seed, 0)):
         if not isinstance(value, int) or value < low:
@@ -199,5 +211,6 @@ def build_batches(
     if kind == "chat":
         encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
         return ChatStream(source, name, masker, batch_size, identity, encoder, _pad_id(tokenizer_of(processor)))
-    column = None if kind == "builtin" else text_column
-    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column)
+    column = {"builtin": None, "text": text_column, "tokens": TOKENS_COLUMN}[kind]
+    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
+                            pretokenized=kind == "tokens")

@@ -24,9 +24,13 @@ class RowGroup:
     num_rows: int
 
 
+# Pre-tokenized rows: a list of token ids per row, used as they are.
+TOKENS_COLUMN = "input_ids"
+
+
 @dataclass(frozen=True)
 class Schema:
-    """What the files hold: "chat" (a messages column, images optional) or "text"."""
+    """What the files hold: "chat" (a messages column, images optional), "text" or "tokens" (token ids)."""
 
     kind: str
     columns: dict[Path, list[str]]  # the columns to read from each file
@@ -67,8 +71,14 @@ def row_groups(files: list[Path]) -> list[RowGroup]:
     return groups
 
 
+def _holds_token_ids(kind_of: pa.DataType) -> bool:
+    return (pa.types.is_list(kind_of) or pa.types.is_large_list(kind_of)) and pa.types.is_integer(
+        kind_of.value_type)
+
+
 def detect_schema(files: list[Path], text_column: str, messages_column: str, images_column: str) -> Schema:
-    """Chat when the first file has ``messages_column``, else text; every file must have that column."""
+    """Chat when the first file has ``messages_column``, else text (``text_column``), else token ids (an
+    ``input_ids`` column); every file must have that column."""
     schemas = {path: open_parquet(path).schema_arrow for path in files}
     names = {path: schema.names for path, schema in schemas.items()}
     first = files[0]
@@ -76,10 +86,12 @@ def detect_schema(files: list[Path], text_column: str, messages_column: str, ima
         kind, needed = "chat", messages_column
     elif text_column in names[first]:
         kind, needed = "text", text_column
+    elif TOKENS_COLUMN in names[first]:
+        kind, needed = "tokens", TOKENS_COLUMN
     else:
         raise ValueError(
-            f"{first} has neither a '{messages_column}' column (chat rows) nor a '{text_column}' column "
-            f"(plain text); its columns are: {', '.join(names[first])}."
+            f"{first} has no '{messages_column}' column (chat rows), '{text_column}' column (plain text) or "
+            f"'{TOKENS_COLUMN}' column (token ids); its columns are: {', '.join(names[first])}."
         )
     columns = {}
     for path, have in names.items():
@@ -88,6 +100,8 @@ def detect_schema(files: list[Path], text_column: str, messages_column: str, ima
         kind_of = schemas[path].field(needed).type
         if kind == "text" and not (pa.types.is_string(kind_of) or pa.types.is_large_string(kind_of)):
             raise ValueError(f"{path} column '{needed}' holds {kind_of}, not strings of text.")
+        if kind == "tokens" and not _holds_token_ids(kind_of):
+            raise ValueError(f"{path} column '{needed}' holds {kind_of}, not lists of integer token ids.")
         # Images are optional per file: a chat file without them is text-only chat.
         columns[path] = [needed] + ([images_column] if kind == "chat" and images_column in have else [])
     return Schema(kind, columns)
