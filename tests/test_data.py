@@ -350,3 +350,63 @@ def test_bad_token_ids_are_refused_in_one_sentence(tokenizer, tmp_path, rows, me
     data = write_parquet(tmp_path / "ids.parquet", rows)
     with pytest.raises(ValueError, match=message):
         next(stream(data, tokenizer))
+
+
+def test_a_datasets_directory_gives_the_batches_of_the_same_parquet(tokenizer, processor, chat_file, tmp_path):
+    """`Dataset.save_to_disk` directories (text, token ids, chat with Image features; a DatasetDict's train
+    split) stream the same batches as Parquet files with the same rows in one row group."""
+    datasets = pytest.importorskip("datasets")
+    texts = [{"text": doc} for doc in DOCS]
+    write_parquet(tmp_path / "text.parquet", texts)
+    datasets.Dataset.from_list(texts).save_to_disk(tmp_path / "text-ds")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(texts)}).save_to_disk(tmp_path / "dict-ds")
+    for data in ("text-ds", "dict-ds"):
+        for rank in (0, 1):
+            ours = itertools.islice(stream(tmp_path / data, tokenizer, rank=rank, world_size=2), 12)
+            parquet = itertools.islice(stream(tmp_path / "text.parquet", tokenizer, rank=rank, world_size=2), 12)
+            assert same_batches(list(ours), list(parquet))
+    check_resume(lambda: stream(tmp_path / "text-ds", tokenizer, rank=1, world_size=2, batch_size=1),
+                 taken=10, then=20)
+
+    ids = _token_rows(tokenizer, DOCS)
+    write_parquet(tmp_path / "ids.parquet", ids)
+    datasets.Dataset.from_list(ids).save_to_disk(tmp_path / "ids-ds")
+    assert same_batches(list(itertools.islice(stream(tmp_path / "ids-ds", tokenizer), 8)),
+                        list(itertools.islice(stream(tmp_path / "ids.parquet", tokenizer), 8)))
+
+    rows = pq.read_table(chat_file).to_pylist()
+    features = datasets.Features({
+        "messages": datasets.List({"role": datasets.Value("string"),
+                                   "content": datasets.List({"type": datasets.Value("string"),
+                                                             "text": datasets.Value("string")})}),
+        "images": datasets.List(datasets.Image()),
+    })
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(tmp_path / "chat-ds")
+    write_parquet(tmp_path / "chat.parquet", rows)
+    ours = stream(tmp_path / "chat-ds", processor, ctx_len=64, batch_size=3)
+    assert same_batches([next(ours) for _ in range(3)],
+                        list(itertools.islice(stream(tmp_path / "chat.parquet", processor, ctx_len=64,
+                                                     batch_size=3), 3)))
+
+
+def test_a_datasets_dict_without_a_train_split_names_its_splits(tokenizer, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    split = datasets.Dataset.from_list([{"text": doc} for doc in DOCS])
+    datasets.DatasetDict({"validation": split}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"has no 'train' split; name one: .*ds/<split>, with <split> one of "
+                                         r"validation"):
+        stream(tmp_path / "ds", tokenizer)
+    assert next(stream(tmp_path / "ds" / "validation", tokenizer)).num_tokens == 16
+
+
+def test_a_hub_dataset_that_is_not_cached_fails_offline_in_one_sentence(tokenizer, monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
+    # What HF_HUB_OFFLINE=1 sets when given before these packages are imported.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    with pytest.raises(ValueError, match=r"--data hf:nobody/nothing:default:test: the dataset could not be "
+                                         r"loaded from the hub or the local cache \(.*\); offline, only"):
+        stream("hf:nobody/nothing:default:test", tokenizer)

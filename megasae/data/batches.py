@@ -9,7 +9,7 @@ import torch
 
 from megasae.data.chat import ChatEncoder, collate
 from megasae.data.masks import TOKEN_CHOICES, TokenMasker, image_token_ids, tokenizer_of
-from megasae.data.parquet import TOKENS_COLUMN, detect_schema, parquet_files, row_groups
+from megasae.data.parquet import TOKENS_COLUMN, data_files, detect_schema, row_groups
 from megasae.data.sources import BuiltinDocuments, ParquetRows
 
 
@@ -169,7 +169,7 @@ def open_source(
         raise ValueError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}.")
     if str(data) == "builtin":
         return BuiltinDocuments(seed, rank, world_size), "The built-in corpus", "builtin"
-    files = parquet_files(data)
+    files = data_files(data)
     schema = detect_schema(files, text_column, messages_column, images_column)
     source = ParquetRows(row_groups(files), schema, seed, rank, world_size, str(data))
     if tokens == "image" and schema.kind != "chat":

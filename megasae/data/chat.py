@@ -10,7 +10,10 @@ from PIL import Image, UnidentifiedImageError
 from megasae.data.masks import tokenizer_of
 
 
-def decode_image(data: bytes, where: str, column: str, index: int) -> Image.Image:
+def decode_image(data: bytes | dict, where: str, column: str, index: int) -> Image.Image:
+    """Encoded image bytes, or a `datasets` Image feature's {"bytes", "path"} holding them."""
+    if isinstance(data, dict):
+        data = data.get("bytes")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # open() reads only the header; a truncated file fails here

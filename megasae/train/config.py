@@ -24,7 +24,8 @@ class TrainConfig:
     model: str | None = None
     """Host model: a Hugging Face model directory or a .gguf file; none means SmolLM2-135M-Instruct."""
     data: str = "builtin"
-    """Training data: a Parquet file or a directory of them (text, chat or input_ids token rows), or 'builtin'."""
+    """Training data: a Parquet file or a directory of them (text, chat or input_ids token rows), a datasets
+    save_to_disk directory, hf:NAME[:CONFIG][:SPLIT], or 'builtin'."""
     target_modules: tuple[str, ...] = ("model.layers.15",)
     """Modules to attach SAEs to: names or name suffixes."""
     k: int = 32
