@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,11 +26,14 @@ def train_command(args: list[str]) -> None:
     """Train TopK SAEs (the built-in default with no flags)."""
     from megasae.train import TrainConfig, train
     from megasae.train.config import load_config_file
+    from megasae.train.report import summary
 
     config_file = _config_file(args)
     default = TrainConfig(**load_config_file(config_file)) if config_file else TrainConfig()
     cfg = tyro.cli(TrainConfig, args=args, default=default, prog="megasae train")
     train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(cfg.output_dir, cfg.target_modules[0], cfg.model, cfg.eval_data))
 
 
 def eval_command(args: list[str]) -> None:
@@ -66,6 +70,14 @@ def bench_command(args: list[str]) -> None:
     BENCHMARKS[args[0]](args[1:])
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' notes to their own developers (deprecations, transformers' advice) off a user's
+    screen; --debug shows them."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command, "eval": eval_command, "inspect": inspect_command, "plan": plan_command,
     "bench": bench_command,
@@ -78,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MEGASAE_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
+    if not debug:
+        quiet_libraries()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<8}{fn.__doc__}" for name, fn in COMMANDS.items()]
         print("usage: megasae <command> [flags] [--debug]\n\ncommands:\n" + "\n".join(lines))

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 import os
 import signal
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -227,3 +229,24 @@ def test_readme_documents_every_train_flag():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for field in TrainConfig.__dataclass_fields__:
         assert f"`--{field.replace('_', '-')}`" in readme, field
+
+
+def test_a_cli_run_ends_with_a_summary_and_curves_and_no_library_warnings(host_dir, text_data, tmp_path):
+    """The real entry point, as a user runs it: transformers' FutureWarnings (seen under pytest) stay off."""
+    out = tmp_path / "run"
+    captured = subprocess.run(
+        [sys.executable, "-m", "megasae", "train", "--model", str(host_dir), "--data", str(text_data),
+         "--target-modules", "model.layers.0", "model.layers.1", "--k", "4", "--expansion-factor", "4",
+         "--ctx-len", "16", "--micro-batch-size", "4", "--batch-tokens", "128", "--max-tokens", "512",
+         "--log-every", "2", "--wandb-mode", "disabled", "--device", "cpu", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert captured.returncode == 0, captured.stderr
+    assert "Warning" not in captured.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = captured.stdout.strip().splitlines()
+    assert lines[0] == f"trained 512 tokens in 4 steps; the adapter is in {out}"
+    for line, target in zip(lines[1:3], ("model.layers.0", "model.layers.1")):
+        last = records[-1]
+        assert line.startswith(f"  {target}: FVU {last[f'fvu/{target}']:.3f}, L0 {last[f'l0/{target}']:.1f}")
+    assert lines[3].endswith(f"next: megasae eval --adapter {out} --model {host_dir} --output-dir {out / 'eval'}")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

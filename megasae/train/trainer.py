@@ -35,6 +35,7 @@ from megasae.files import staging_directory
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
 from megasae.train.metrics import MetricsLog, StepMetrics
+from megasae.train.report import write_curves
 from megasae.train.run_dir import check_output_dir, clear_run, publish_adapter, roll_back_metrics
 from megasae.train.step import sae_step
 
@@ -256,6 +257,8 @@ class Trainer:
                     next_save += cfg.save_every
             self.save_checkpoint()
             self._save_final_adapter()
+            if par.is_main:
+                write_curves(cfg.output_dir, cfg.target_modules[0])
         finally:
             stop.restore()
             log.close()
