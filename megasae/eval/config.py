@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from megasae.peft.config import DEFAULT_TOKEN_POLICY, TopKSaeConfig
+
+# A setting that follows what the adapter was trained with.
+ADAPTER = "adapter"
+
 
 @dataclass
 class HeldOutData:
     """The host, the adapter and the held-out data both commands read, and how the host splits over ranks."""
 
-    adapter: Path
-    """Adapter directory written by `megasae train` (adapter_config.json + adapter_model.safetensors)."""
+    adapter: str
+    """The SAEs: an adapter directory written by `megasae train`, an original-project adapter, a SAELens SAE
+    folder, a sparsify hookpoint or run directory, or a Hugging Face Hub id org/name[:subfolder] of one."""
     model: str | None = None
     """Host model: a Hugging Face model directory or a .gguf file; none means SmolLM2-135M-Instruct."""
     data: str = "builtin"
@@ -27,10 +34,13 @@ class HeldOutData:
     """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
     seed: int = 1
     """Seed of the data order; training's default is 0, so the built-in corpus starts elsewhere."""
-    tokens: Literal["all", "text", "image"] = "all"
-    """Which positions the SAEs read and replace, by modality; padding, position 0 and special tokens never."""
-    outlier_factor: float | None = 10.0
-    """Leave out tokens whose activation norm exceeds this multiple of the batch median, as training does."""
+    tokens: Literal["adapter", "all", "text", "image"] = ADAPTER
+    """Which positions the SAEs read and replace, by modality; 'adapter': those it was trained on (its
+    adapter_config.json's token_policy; 'all' when it records none). Padding, position 0 and special tokens
+    never."""
+    outlier_factor: float | None | Literal["adapter"] = ADAPTER
+    """Leave out tokens whose activation norm exceeds this multiple of the batch median (None: keep them);
+    'adapter': the factor it was trained with (10 when it records none)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the host model."""
     text_column: str = "text"
@@ -47,6 +57,14 @@ class HeldOutData:
     pp: int = 1
     """Pipeline stages under torchrun: all the host's decoder layers split over this many stages (the last
     also runs the final norm and LM head), each SAE run on the stage owning its target."""
+
+    def following(self, config: TopKSaeConfig) -> HeldOutData:
+        """These settings with each 'adapter' replaced by the token policy the SAE was trained with, or the
+        defaults of `megasae train` where it recorded none."""
+        policy = config.token_policy or DEFAULT_TOKEN_POLICY
+        tokens = policy["tokens"] if self.tokens == ADAPTER else self.tokens
+        outlier_factor = policy["outlier_factor"] if self.outlier_factor == ADAPTER else self.outlier_factor
+        return dataclasses.replace(self, tokens=tokens, outlier_factor=outlier_factor)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
