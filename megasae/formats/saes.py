@@ -76,6 +76,7 @@ def take(tensors: dict[str, Tensor], file: Path, key: str, shape: tuple[int | No
     tensor = tensors[key]
     if tensor.dim() != len(shape) or any(want not in (None, got) for want, got in zip(shape, tensor.shape)):
         expected = ", ".join("any" if want is None else str(want) for want in shape)
+        expected += "," if len(shape) == 1 else ""
         raise ValueError(f"{file} key {key!r} has shape {tuple(tensor.shape)}, expected ({expected}).")
     if not tensor.dtype.is_floating_point:
         raise ValueError(f"{file} key {key!r} is {tensor.dtype}; SAE weights are floating point.")

@@ -54,6 +54,12 @@ class PeftSaeModel(PeftModel):
         with formats.adapter_directory(saes) as directory:
             return super().load_adapter(directory, adapter_name, *args, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, save_embedding_layers=False,
+                        **kwargs):
+        # An SAE adapter holds no embedding weights; peft's "auto" would look base_model_name_or_path (a Hub
+        # id such as HuggingFaceTB/SmolLM2-135M-Instruct) up on the Hub at every save.
+        super().save_pretrained(save_directory, *args, save_embedding_layers=save_embedding_layers, **kwargs)
+
     def capture(self, **options):
         """See `megasae.capture`."""
         return control.capture(self, **options)
