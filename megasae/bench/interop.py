@@ -1,9 +1,9 @@
 """`megasae bench interop`: do the peers' own loaders read megasae's exports as the same SAEs?
 
 1. Builds SAEs in megasae (or reads --adapter): by default an SAE and a transcoder of SmolLM2-135M's width
-   (d 576, 4608 latents, k 32) with random weights and encoder biases around -6, so that many tokens have
-   fewer than k positive pre-activations: where sparsify's order (ReLU, then top-k) and megasae's (top-k,
-   then ReLU) could differ.
+   (d 576, 4608 latents, k 32) with random weights and encoder biases around -6, so that about half the
+   tokens have fewer than k positive pre-activations: where sparsify's order (ReLU, then top-k) and
+   megasae's (top-k, then ReLU) could differ.
 2. Exports them with `megasae export` to SAELens and to sparsify (a format that cannot express an SAE
    refuses it, and the table says so).
 3. Runs interop_runner.py in each peer's Python (its own environment, like sparsify_runner.py): the peer's
@@ -64,7 +64,7 @@ def random_adapters(work: Path, seed: int) -> list[Path]:
     for name, transcode, target in kinds:
         W_dec = torch.randn(latents, d, generator=g)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
-        W_enc = W_dec + 0.1 * torch.randn(latents, d, generator=g)
+        W_enc = W_dec + 0.1 * torch.randn(latents, d, generator=g) / d**0.5
         weights = SaeWeights(W_enc, torch.randn(latents, generator=g) - 6, W_dec, torch.randn(d, generator=g))
         config = TopKSaeConfig(k=k, num_latents=latents, target_modules=[target], transcode=transcode)
         paths.append(work / f"adapter-{name}")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
                 try:
                     formats.export(source, peer, out)
                 except ValueError as refused:
-                    rows.append({"peer": peer, "sae": source.name, "refused": str(refused)})
+                    rows.append({"peer": peer, "sae": source.name, "note": f"refused: {refused}"})
                     continue
                 for path, weights in saes.saes.items():
                     name = f"{source.name}:{path}"
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> dict:
             if not folders:
                 continue
             if python is None or not Path(python).is_file():
-                rows.append({"peer": peer, "sae": ", ".join(folders), "refused": f"no Python with {peer}"})
+                rows.append({"peer": peer, "sae": ", ".join(folders),
+                             "note": f"not run: no Python with {peer} (--{peer}-python)"})
                 continue
             torch.save(inputs, work / f"{peer}-inputs.pt")
             got, versions[peer] = run_peer(python, peer, folders, work / f"{peer}-inputs.pt", work)
@@ -149,8 +150,8 @@ def format_table(result: dict) -> str:
     lines = ["| peer | SAE | codes max abs diff (rel) | x_hat max abs diff (rel) | same nonzero codes "
              "| tokens with < k positive | within 1e-5 |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        if "refused" in row:
-            lines.append(f"| {row['peer']} | {row['sae']} | refused: {row['refused']} | | | | |")
+        if "note" in row:
+            lines.append(f"| {row['peer']} | {row['sae']} | {row['note']} | | | | |")
             continue
         ok = max(row["codes_rel_max_diff"], row["x_hat_rel_max_diff"]) <= result["tolerance"]
         lines.append(f"| {row['peer']} | {row['sae']} | {row['codes_rel_max_diff']:.2e} | "
