@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megasae import formats
 from megasae.cli import main as cli_main
-from megasae.eval import EvalConfig, evaluate
+from megasae.eval import EvalConfig, InspectConfig, evaluate, run_inspect
 from megasae.train import TrainConfig, Trainer
 
 TARGET = "model.layers.1"
@@ -83,3 +84,16 @@ def test_eval_reads_an_original_project_adapter(host_dir, words_data, tmp_path):
     assert stats["tokens"] > 0 and 0 < stats["l0"] <= 3
     # No recorded policy: megasae train's defaults.
     assert (result["settings"]["tokens"], result["settings"]["outlier_factor"]) == ("all", 10.0)
+
+
+def test_inspect_reads_an_exported_folder_as_it_reads_the_adapter(trained, host_dir, words_data, tmp_path):
+    formats.export(trained, "sparsify", tmp_path / "sparsify")
+    pages = {}
+    for name, adapter in (("adapter", trained), ("sparsify", tmp_path / "sparsify" / "layers.1")):
+        cfg = InspectConfig(adapter=str(adapter), model=str(host_dir), data=str(words_data), max_tokens=64,
+                            batch_size=4, ctx_len=16, device="cpu", top=2, output=tmp_path / f"{name}.html",
+                            tokens="all", outlier_factor=3.0)  # sparsify records no policy: give one
+        pages[name] = run_inspect(cfg).read_text()
+    # Same latents and contexts; only the adapter named on the page differs.
+    assert pages["adapter"].replace(str(trained), "X") == pages["sparsify"].replace(
+        str(tmp_path / "sparsify" / "layers.1"), "X")

@@ -332,3 +332,50 @@ def test_a_transcoder_is_refused_by_saelens_before_anything_is_written(tmp_path)
     assert not (tmp_path / "out").exists()
     formats.export(adapter, "sparsify", tmp_path / "out")
     assert json.loads((tmp_path / "out" / "layers.1" / "cfg.json").read_text())["transcode"] is True
+
+
+def test_saelens_decoder_norm_rescaling_and_no_input_bias_fold_into_megasae_weights(tmp_path):
+    folder = tmp_path / "lens"
+    folder.mkdir()
+    w = {"W_enc": torch.randn(WIDTH, LATENTS), "b_enc": torch.randn(LATENTS),
+         "W_dec": 3 * torch.rand(LATENTS, 1) * torch.randn(LATENTS, WIDTH), "b_dec": torch.randn(WIDTH)}
+    save_file(w, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({
+        "architecture": "topk", "d_in": WIDTH, "d_sae": LATENTS, "k": K, "dtype": "float32",
+        "apply_b_dec_to_input": False, "rescale_acts_by_decoder_norm": True,
+        "metadata": {"hook_name": "model.layers.1", "model_name": "org/tiny-llama"}}))
+    x = torch.randn(50, WIDTH)
+    # SAELens's TopK SAE with both options: no b_dec on the input, pre-activations times the decoder row
+    # norms, codes divided by them again before decoding.
+    norms = w["W_dec"].norm(dim=-1)
+    top = ((x @ w["W_enc"] + w["b_enc"]) * norms).topk(K)
+    x_hat = (dense(top.indices, top.values.relu(), LATENTS) / norms) @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(spliced(folder, x)["model.layers.1"], x_hat, rtol=1e-4, atol=1e-4)
+    assert formats.read(folder).config.token_policy is None  # SAELens recorded no seqpos_slice
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"architecture": "jumprelu"}, "has architecture 'jumprelu'; megasae reads SAELens SAEs with "
+                                   "architecture 'topk'"),
+    ({"normalize_activations": "expected_average_only_in"}, "has normalize_activations"),
+    ({"metadata": {}}, "names no hook_name: megasae cannot tell which module the SAE reads"),
+    ({"k": 65}, r"has k = 65; it must be an integer from 1 to the 64 latents"),
+])
+def test_saelens_configs_megasae_cannot_read(tmp_path, edit, message):
+    random_adapter(tmp_path / "adapter")
+    formats.export(tmp_path / "adapter", "saelens", tmp_path / "out")
+    folder = tmp_path / "out" / "model.layers.1"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(ValueError, match=message):
+        formats.read(folder)
+
+
+def test_a_sparsify_run_directory_of_different_ks_is_refused(tmp_path):
+    random_adapter(tmp_path / "adapter")
+    formats.export(tmp_path / "adapter", "sparsify", tmp_path / "out")
+    cfg_file = tmp_path / "out" / "layers.2" / "cfg.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "k": 8}))
+    assert formats.read(tmp_path / "out" / "layers.2").config.k == 8  # one hookpoint at a time reads
+    with pytest.raises(ValueError, match=r"holds hookpoints with different \(k, transcode\) settings"):
+        formats.read(tmp_path / "out")
