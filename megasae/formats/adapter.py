@@ -25,6 +25,7 @@ from megasae.formats.saes import (
     load_tensors,
     shared_num_latents,
     take,
+    tensor_names,
 )
 from megasae.peft.config import PEFT_TYPE, TopKSaeConfig
 
@@ -52,10 +53,7 @@ def peft_config(path: Path) -> dict:
 
 def is_original(path: Path) -> bool:
     """Whether the adapter in `path` was saved by the original project (its encoder is an nn.Linear)."""
-    from safetensors import safe_open
-
-    with safe_open(path / WEIGHTS_FILE, "pt") as f:
-        return any(key.endswith(ORIGINAL_ENCODER) for key in f.keys())
+    return any(key.endswith(ORIGINAL_ENCODER) for key in tensor_names(path / WEIGHTS_FILE))
 
 
 def _module_paths(tensors: dict, file: Path, suffixes: tuple[str, ...]) -> list[str]:

@@ -105,8 +105,8 @@ def read(path: Path) -> SaeSet:
     unknown = sorted(set(tensors) - {"W_enc", "b_enc", "W_dec", "b_dec"})
     if unknown:
         raise ValueError(f"{file} has tensors {unknown} that a SAELens TopK SAE does not have.")
-    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    W_enc = take(tensors, file, "W_enc", (d_in, d_sae)).float()
+    W_enc = take(tensors, file, "W_enc", (cfg.get("d_in"), cfg.get("d_sae"))).float()
+    d_in, d_sae = W_enc.shape
     b_enc = take(tensors, file, "b_enc", (d_sae,)).float()
     W_dec = take(tensors, file, "W_dec", (d_sae, d_in)).float()
     b_dec = take(tensors, file, "b_dec", (d_in,)).float()

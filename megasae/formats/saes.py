@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -64,6 +64,15 @@ def load_tensors(file: Path) -> dict[str, Tensor]:
         raise FileNotFoundError(f"{file} does not exist: the SAE's weights file is missing.")
     try:
         return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
+
+
+def tensor_names(file: Path) -> list[str]:
+    """The keys of a safetensors file, without reading the tensors, or one sentence naming the file."""
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
 

@@ -77,9 +77,8 @@ def _read_hookpoint(folder: Path) -> tuple[dict, SaeWeights]:
     unknown = sorted(set(tensors) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec"})
     if unknown:
         raise ValueError(f"{file} has tensors {unknown} that a sparsify TopK SAE without W_skip lacks.")
-    d_in = cfg.get("d_in")
-    W_enc = take(tensors, file, "encoder.weight", (None, d_in)).float()
-    num_latents = W_enc.shape[0]
+    W_enc = take(tensors, file, "encoder.weight", (None, cfg.get("d_in"))).float()
+    num_latents, d_in = W_enc.shape
     weights = SaeWeights(W_enc, take(tensors, file, "encoder.bias", (num_latents,)).float(),
                          take(tensors, file, "W_dec", (num_latents, d_in)).float(),
                          take(tensors, file, "b_dec", (d_in,)).float())
