@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -33,7 +33,7 @@ class ExportConfig:
 class ImportConfig:
     """Convert an SAE of any format megasae reads into a megasae adapter directory."""
 
-    source: tyro.conf.Positional[str]
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")]
     """An original-project adapter, a SAELens SAE folder, a sparsify hookpoint or run directory, a megasae
     adapter, or a Hugging Face Hub id org/name[:subfolder] of one."""
     output_dir: Path
