@@ -379,3 +379,20 @@ def test_a_sparsify_run_directory_of_different_ks_is_refused(tmp_path):
     assert formats.read(tmp_path / "out" / "layers.2").config.k == 8  # one hookpoint at a time reads
     with pytest.raises(ValueError, match=r"holds hookpoints with different \(k, transcode\) settings"):
         formats.read(tmp_path / "out")
+
+
+def test_an_adapter_saved_before_these_fields_loads_as_before(tmp_path):
+    adapter = random_adapter(tmp_path / "adapter")
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("relu_codes", "token_policy", "ctx_len", "dataset"):
+        del config[key]
+    config_file.write_text(json.dumps(config))
+    saes = formats.read(adapter)
+    assert saes.config.relu_codes and saes.config.token_policy is None and saes.config.ctx_len is None
+    x = torch.randn(20, WIDTH)
+    w = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.sae_"
+    top = ((x - w[key + "b_dec"]) @ w[key + "W_enc"].T + w[key + "b_enc"]).topk(K)
+    x_hat = dense(top.indices, top.values.relu(), LATENTS) @ w[key + "W_dec"] + w[key + "b_dec"]
+    torch.testing.assert_close(spliced(adapter, x)["model.layers.1"], x_hat, rtol=1e-5, atol=1e-5)
