@@ -61,8 +61,30 @@ def plan_command(args: list[str]) -> None:
     main(args)
 
 
+def export_command(args: list[str]) -> None:
+    """Write an adapter's SAEs in SAELens's or sparsify's own layout."""
+    from megasae.formats import export
+    from megasae.formats.commands import ExportConfig
+
+    cfg = tyro.cli(ExportConfig, args=args, prog="megasae export")
+    notes = export(cfg.adapter, cfg.format, cfg.output_dir, cfg.target, cfg.eval_json, cfg.base_model_prefix)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {cfg.output_dir}")
+
+
+def import_command(args: list[str]) -> None:
+    """Convert a SAELens, sparsify or original-project SAE into a megasae adapter."""
+    from megasae.formats import import_sae
+    from megasae.formats.commands import ImportConfig
+
+    cfg = tyro.cli(ImportConfig, args=args, prog="megasae import")
+    saes = import_sae(cfg.source, cfg.output_dir, cfg.base_model_prefix)
+    print(f"wrote {cfg.output_dir} ({saes.format} SAEs on {', '.join(saes.saes)})")
+
+
 def bench_command(args: list[str]) -> None:
-    """Benchmarks: `megasae bench <name> --help` (kernels, train, parallel)."""
+    """Benchmarks: `megasae bench <name> --help` (kernels, train, parallel, interop)."""
     from megasae.bench import BENCHMARKS
 
     if not args or args[0] not in BENCHMARKS:
@@ -80,7 +102,7 @@ def quiet_libraries() -> None:
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command, "eval": eval_command, "inspect": inspect_command, "plan": plan_command,
-    "bench": bench_command,
+    "bench": bench_command, "export": export_command, "import": import_command,
 }
 
 

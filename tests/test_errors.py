@@ -85,7 +85,7 @@ def test_adapter_that_does_not_fit_names_key_and_shapes(tmp_path):
 
 
 def test_directory_that_is_not_an_adapter(tmp_path):
-    with pytest.raises(ValueError, match="is not a megasae adapter directory: it has no adapter_config.json"):
+    with pytest.raises(ValueError, match="holds none of the SAE formats megasae reads: a megasae or"):
         PeftSaeModel.from_pretrained(TwoLayerMLP(), tmp_path)
 
 

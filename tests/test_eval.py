@@ -175,7 +175,7 @@ def test_cli_writes_report_json_and_plots_for_each_target(host_dir, words_data, 
 def test_bad_input_gets_one_clear_sentence(host_dir, words_data, tmp_path):
     not_adapter = tmp_path / "not-an-adapter"
     not_adapter.mkdir()
-    with pytest.raises(ValueError, match="not-an-adapter is not a megasae adapter directory"):
+    with pytest.raises(ValueError, match="not-an-adapter holds none of the SAE formats megasae reads"):
         evaluate(eval_config(host_dir, not_adapter, words_data))
     adapter = save_adapter(host_dir, tmp_path / "adapter")
     empty = tmp_path / "empty.parquet"

@@ -21,8 +21,15 @@ def _parallel(args: list[str]) -> None:
     main(args)
 
 
+def _interop(args: list[str]) -> None:
+    from megasae.bench.interop import main
+
+    main(args)
+
+
 BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "kernels": _kernels,
     "train": _train,
     "parallel": _parallel,
+    "interop": _interop,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,14 +11,19 @@ import torch
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types
 from megasae.parallel.distributed import resolve_device
+from megasae.peft.config import DEFAULT_TOKEN_POLICY, TopKSaeConfig
+
+# A setting that follows what the adapter was trained with.
+ADAPTER = "adapter"
 
 
 @dataclass
 class HeldOutData:
     """The host, the adapter and the held-out data both commands read, and how the host splits over ranks."""
 
-    adapter: Path
-    """Adapter directory written by `megasae train` (adapter_config.json + adapter_model.safetensors)."""
+    adapter: str
+    """The SAEs: an adapter directory written by `megasae train`, an original-project adapter, a SAELens SAE
+    folder, a sparsify hookpoint or run directory, or a Hugging Face Hub id org/name[:subfolder] of one."""
     model: str | None = None
     """Host model: a Hugging Face model directory or a .gguf file; none means SmolLM2-135M-Instruct."""
     data: str = "builtin"
@@ -30,10 +36,13 @@ class HeldOutData:
     """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
     seed: int = 1
     """Seed of the data order; training's default is 0, so the built-in corpus starts elsewhere."""
-    tokens: Literal["all", "text", "image"] = "all"
-    """Which positions the SAEs read and replace, by modality; padding, position 0 and special tokens never."""
-    outlier_factor: float | None = 10.0
-    """Leave out tokens whose activation norm exceeds this multiple of the batch median, as training does."""
+    tokens: Literal["adapter", "all", "text", "image"] = ADAPTER
+    """Which positions the SAEs read and replace, by modality; 'adapter': those it was trained on (its
+    adapter_config.json's token_policy; 'all' when it records none). Padding, position 0 and special tokens
+    never."""
+    outlier_factor: float | None | Literal["adapter"] = ADAPTER
+    """Leave out tokens whose activation norm exceeds this multiple of the batch median (None: keep them);
+    'adapter': the factor it was trained with (10 when it records none)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the host model."""
     text_column: str = "text"
@@ -54,7 +63,16 @@ class HeldOutData:
     def __post_init__(self):
         check_types(self)
         check_at_least(self, 1, "max_tokens", "batch_size", "ctx_len", "tp", "pp")
-        check_outlier_factor(self.outlier_factor)
+        if self.outlier_factor != ADAPTER:
+            check_outlier_factor(self.outlier_factor)
+
+    def following(self, config: TopKSaeConfig) -> HeldOutData:
+        """These settings with each 'adapter' replaced by the token policy the SAE was trained with, or the
+        defaults of `megasae train` where it recorded none."""
+        policy = config.token_policy or DEFAULT_TOKEN_POLICY
+        tokens = policy["tokens"] if self.tokens == ADAPTER else self.tokens
+        outlier_factor = policy["outlier_factor"] if self.outlier_factor == ADAPTER else self.outlier_factor
+        return dataclasses.replace(self, tokens=tokens, outlier_factor=outlier_factor)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

@@ -44,6 +44,7 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     returns the merged numbers."""
     par = par or init_eval_ranks(cfg, "megasae eval")
     host = EvalHost(cfg, par)
+    cfg = cfg.following(host.saes.config)
     device = par.device
     image_ids = torch.tensor(image_token_ids(host.processor), dtype=torch.long)
     multimodal = image_ids.numel() > 0

@@ -82,8 +82,8 @@ class Collector:
     every forward; under --pp only the stage owning the target collects."""
 
     def __init__(self, cfg: InspectConfig, par: ParallelState):
-        self.cfg = cfg
         self.host = EvalHost(cfg, par)
+        self.cfg = cfg = cfg.following(self.host.saes.config)
         self.device = par.device
         self.processor = self.host.processor
         self.tokenizer = tokenizer_of(self.processor)

@@ -66,7 +66,7 @@ class ReconstructionStats:
         self.cosine += F.cosine_similarity(x_hat, target, dim=-1).double().sum().item()
         target_norm = target.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
         self.norm_ratio += (x_hat.norm(dim=-1) / target_norm).double().sum().item()
-        active = values > 0
+        active = values != 0  # negative codes are active too in SAEs without ReLU
         self.fired += torch.bincount(indices[active].cpu(), minlength=self.fired.numel())
         self.l0_counts += torch.bincount(active.sum(-1).cpu(), minlength=self.l0_counts.numel())
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import Tensor, nn
 
+from megasae import formats
 from megasae.eval.config import HeldOutData
 from megasae.models import load_host_model
 from megasae.parallel import ParallelState
@@ -17,18 +18,6 @@ from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, sae_layers
 from megasae.peft.layer import Replacement, TopKSaeLayer
-from megasae.peft.model import check_sae_adapter
-
-# The adapter file names each SAE's encoder weight `base_model.model.<target module path>.sae_W_enc`.
-_WEIGHT_PREFIX, _ENCODER = "base_model.model.", ".sae_W_enc"
-
-
-def adapter_targets(adapter: Path) -> list[str]:
-    """The module paths the adapter holds an SAE for, read from its weights' names."""
-    with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as f:
-        names = list(f.keys())
-    return [name.removeprefix(_WEIGHT_PREFIX).removesuffix(_ENCODER)
-            for name in names if name.endswith(_ENCODER)]
 
 
 def adapter_settings(layer: TopKSaeLayer) -> tuple[int, int]:
@@ -45,7 +34,8 @@ class EvalHost:
     adapter, the same on each rank; `layers` only this rank's."""
 
     def __init__(self, cfg: HeldOutData, par: ParallelState):
-        check_sae_adapter(cfg.adapter)  # before the host, which takes far longer to load
+        # Any format megasae reads, every tensor checked before the host, which takes far longer to load.
+        self.saes = formats.read(cfg.adapter)
         self.par = par
         if par.tp_size > 1 or par.pp_size > 1:
             host, self.processor = load_host_tensor_parallel(cfg.model, None, par, dtype=cfg.torch_dtype())
@@ -56,9 +46,9 @@ class EvalHost:
         if par.pp_size > 1:
             last_layer = host.config.get_text_config().num_hidden_layers - 1  # to the logits: every layer
             self.stage = PipelineStage(host, par, last_layer)
-            mine = stage_targets(adapter_targets(cfg.adapter), last_layer, par)
-        self.model, self.layers = _attach_adapter(host, cfg.adapter, par, mine)
-        self.targets = list(self.layers) if self.stage is None else adapter_targets(cfg.adapter)
+            mine = stage_targets(list(self.saes.saes), last_layer, par)
+        self.model, self.layers = _attach_adapter(host, cfg.adapter, self.saes.config, par, mine)
+        self.targets = list(self.layers) if self.stage is None else list(self.saes.saes)
 
     @property
     def scores(self) -> bool:
@@ -113,14 +103,14 @@ class EvalHost:
         return holder[0]
 
 
-def _attach_adapter(host: nn.Module, adapter: Path, par: ParallelState, targets: list[str] | None):
+def _attach_adapter(host: nn.Module, adapter: str | Path, config: TopKSaeConfig, par: ParallelState,
+                    targets: list[str] | None):
     """(the host with the adapter's SAEs attached in eval mode, {target path: layer}); `targets` restricts
     them to those module paths (a pipeline stage's), and with none of them the host comes back bare."""
-    config = TopKSaeConfig.from_pretrained(adapter)
     if targets is not None:
         if not targets:
             return host, {}
-        config.target_modules = targets
+        config = dataclasses.replace(config, target_modules=targets)
     model = PeftSaeModel.from_pretrained(host, adapter, config=config)
     shard_saes(model, par.tp_group)
     model.eval()  # no b_dec initialisation and no dead-latent counting while reading

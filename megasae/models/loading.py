@@ -31,6 +31,8 @@ from transformers.models.auto.modeling_auto import (
 )
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The built-in host as a user names it: what an adapter trained on it records, never a local cache path.
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Files that mark a directory as holding a processor (image preprocessing) beside the tokenizer.
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 

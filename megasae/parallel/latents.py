@@ -58,7 +58,7 @@ def sparse_decode(
     local_latents = W_dec.shape[0]
     local = indices - _offset(group, local_latents)
     # Zero codes add nothing and get no gradient through relu; leaving them out keeps that true here.
-    mine = (local >= 0) & (local < local_latents) & (values > 0)
+    mine = (local >= 0) & (local < local_latents) & (values != 0)
     partial = ops.sparse_decode(local.where(mine, 0), values.where(mine, 0), W_dec, None)
     x_hat = reduce_from_group(partial, group)
     return x_hat if b_dec is None else x_hat + b_dec

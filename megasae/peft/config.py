@@ -12,6 +12,14 @@ PEFT_TYPE = "TOPK_SAE"
 
 SAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# The token policy of training (DESIGN.md, "Token mask"): whether position 0 of every sequence and the special
+# tokens were left out, the activation-norm outlier factor (None: no outlier filter) and which modality's
+# positions (--tokens: all, text or image) the SAE read.
+TOKEN_POLICY_KEYS = ("mask_position_0", "exclude_special_tokens", "outlier_factor", "tokens")
+# `megasae train`'s defaults, assumed for adapters that record no policy.
+DEFAULT_TOKEN_POLICY = {"mask_position_0": True, "exclude_special_tokens": True, "outlier_factor": 10.0,
+                        "tokens": "all"}
+
 
 @dataclass
 class TopKSaeConfig(PeftConfig):
@@ -32,6 +40,11 @@ class TopKSaeConfig(PeftConfig):
         dead_tokens_threshold: A latent that has not fired for this many tokens is dead.
         sae_dtype: "float32" (default, even on a bf16 host) or "bfloat16".
         init_sae_weights: False skips the random init (the weights are about to be loaded).
+        relu_codes: Codes are relu(topk(pre)) (megasae, OpenAI, SAELens, sparsify); False keeps the raw
+            top-k values, negative ones included (the original project's SAEs).
+        token_policy: Which tokens the SAE was trained on (TOKEN_POLICY_KEYS); None when not recorded.
+        ctx_len: Tokens per training sequence; None when not recorded.
+        dataset: The training data as given to `megasae train`; None when not recorded.
     """
 
     k: int = field(default=32, metadata={"help": "Number of latents kept per token."})
@@ -67,6 +80,15 @@ class TopKSaeConfig(PeftConfig):
         default=True, metadata={"help": "False skips the random init, for weights about to be loaded."}
     )
 
+    relu_codes: bool = field(
+        default=True, metadata={"help": "relu(topk(pre)) codes; False keeps the raw top-k values (no ReLU)."}
+    )
+    token_policy: Optional[dict] = field(
+        default=None, metadata={"help": "The tokens trained on (TOKEN_POLICY_KEYS); None when not recorded."}
+    )
+    ctx_len: Optional[int] = field(default=None, metadata={"help": "Tokens per training sequence."})
+    dataset: Optional[str] = field(default=None, metadata={"help": "The training data, if recorded."})
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
@@ -88,6 +110,10 @@ class TopKSaeConfig(PeftConfig):
             raise ValueError(f"auxk_alpha must be non-negative, got {self.auxk_alpha}.")
         if self.sae_dtype not in SAE_DTYPES:
             raise ValueError(f"sae_dtype must be one of {sorted(SAE_DTYPES)}, got {self.sae_dtype!r}.")
+        if self.token_policy is not None and set(self.token_policy) != set(TOKEN_POLICY_KEYS):
+            raise ValueError(
+                f"token_policy must have the keys {list(TOKEN_POLICY_KEYS)}, got {sorted(self.token_policy)}."
+            )
         if self.compute_dtype is not None and self.compute_dtype not in SAE_DTYPES:
             raise ValueError(
                 f"compute_dtype must be None or one of {sorted(SAE_DTYPES)}, got {self.compute_dtype!r}."

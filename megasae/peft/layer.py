@@ -75,6 +75,7 @@ class SaeSpec:
     dead_tokens_threshold: int
     transcode: bool
     compute_dtype: torch.dtype
+    relu: bool
 
 
 def module_widths(module: nn.Module, module_path: str) -> tuple[int, int]:
@@ -199,6 +200,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             dead_tokens_threshold=config.dead_tokens_threshold,
             transcode=config.transcode,
             compute_dtype=config.torch_compute_dtype,
+            relu=config.relu_codes,
         )
         self.sae_tokens_since_fired[adapter_name] = torch.zeros(num_latents, dtype=torch.long, device=device)
         self.sae_needs_init[adapter_name] = config.init_sae_weights
@@ -293,7 +295,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
         W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
         rows = sae_in.flatten(0, -2).to(W_enc.dtype)
-        values, indices = sae.encode(rows, W_enc, b_enc, pre_bias, self.sae_spec[adapter].k, None, self.latent_group)
+        spec = self.sae_spec[adapter]
+        values, indices = sae.encode(rows, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
         x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
 
@@ -332,7 +335,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _losses(self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]
         W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
-        values, indices = sae.encode(x, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group)
+        values, indices = sae.encode(x, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
         x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         total_var = sae.total_variance(target, group)
         fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
@@ -340,7 +343,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         auxk = torch.zeros_like(fvu)
         if spec.auxk_alpha > 0 and torch.is_grad_enabled():
             auxk = sae.auxk_loss(
-                x, target - x_hat, W_enc, b_enc, pre_bias, W_dec, dead_mask, spec.k_aux, total_var, self.latent_group
+                x, target - x_hat, W_enc, b_enc, pre_bias, W_dec, dead_mask, spec.k_aux, total_var,
+                self.latent_group, spec.relu,
             )
         return sae.SaeOutput(
             x=x, target=target, x_hat=x_hat, values=values, indices=indices, fvu=fvu, auxk=auxk,

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from peft import PeftConfig, PeftModel
 from torch import nn
 
+from megasae import formats
 from megasae.peft import control
-from megasae.peft.config import PEFT_TYPE, TopKSaeConfig
+from megasae.peft.config import TopKSaeConfig
 from megasae.peft.layer import SaeMode
 
 
-def check_sae_adapter(model_id: str | os.PathLike) -> None:
-    config_file = Path(model_id) / "adapter_config.json"
-    if not config_file.is_file():
-        raise ValueError(
-            f"{model_id} is not a megasae adapter directory: it has no adapter_config.json "
-            "(save one with PeftSaeModel.save_pretrained)."
-        )
-    peft_type = json.loads(config_file.read_text()).get("peft_type")
-    if peft_type != PEFT_TYPE:
-        raise ValueError(
-            f"{model_id} is not a megasae adapter directory: its adapter_config.json has peft_type "
-            f"{peft_type!r}, expected {PEFT_TYPE!r}."
-        )
+def _base_model_prefix(model: nn.Module) -> str:
+    """Where a host keeps its base model ("model" in a Llama), relative to which sparsify names hookpoints;
+    "" when the host is its own base model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
 
 
 class PeftSaeModel(PeftModel):
@@ -42,11 +33,21 @@ class PeftSaeModel(PeftModel):
         config: PeftConfig | None = None,
         **kwargs,
     ) -> PeftSaeModel:
-        if config is None:
-            check_sae_adapter(model_id)
-            config = TopKSaeConfig.from_pretrained(model_id)
+        """`model_id`: a megasae adapter, or any SAE that megasae.formats reads (an original-project adapter,
+        a SAELens SAE folder, a sparsify hookpoint or run directory), as a local path or a Hub id."""
+        saes = formats.read(model_id, _base_model_prefix(model))
+        config = config or saes.config
         config.init_sae_weights = False  # the weights come from the file
-        return super().from_pretrained(model, model_id, adapter_name, is_trainable, config, **kwargs)
+        with formats.adapter_directory(saes) as directory:
+            loaded = super().from_pretrained(model, directory, adapter_name, is_trainable, config, **kwargs)
+        attached = [layer.module_path for layer in control.sae_layers(loaded)]
+        unloaded = [path for path in attached if path not in saes.saes]
+        if unloaded:
+            raise ValueError(
+                f"{saes.path} holds no SAE weights for {unloaded}, which its target_modules attach to; the "
+                "adapter is incomplete."
+            )
+        return loaded
 
     def forward(self, *args, with_cache: bool = False, **kwargs):
         """`with_cache=True` also fills `self.base_model.input_hidden_dict` and `output_hidden_dict` with what
@@ -58,9 +59,15 @@ class PeftSaeModel(PeftModel):
             control.stop_hidden_cache(recording)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args, **kwargs):
-        if os.path.isdir(model_id):
-            check_sae_adapter(model_id)
-        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        saes = formats.read(model_id, _base_model_prefix(self.get_base_model()))
+        with formats.adapter_directory(saes) as directory:
+            return super().load_adapter(directory, adapter_name, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, save_embedding_layers=False,
+                        **kwargs):
+        # An SAE adapter holds no embedding weights; peft's "auto" would look base_model_name_or_path (a Hub
+        # id such as HuggingFaceTB/SmolLM2-135M-Instruct) up on the Hub at every save.
+        super().save_pretrained(save_directory, *args, save_embedding_layers=save_embedding_layers, **kwargs)
 
     def capture(self, **options):
         """See `megasae.capture`."""

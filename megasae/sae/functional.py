@@ -3,7 +3,7 @@
 For an input row x (width d_in) and M latents:
 
     pre   = W_enc (x - b_dec) + b_enc        (no pre-bias for a transcoder: d_in may differ from d_out)
-    z     = relu(topk_k(pre))
+    z     = relu(topk_k(pre))                 (without relu for SAEs whose codes are the raw top-k values)
     x_hat = W_dec^T z + b_dec
 
 Everything here is stateless; the PEFT layer owns the tensors and calls these.
@@ -51,7 +51,7 @@ class SaeOutput:
         """Mean number of active latents per token (at most k: ReLU may zero some of the top k)."""
         if self.num_tokens == 0:
             return self.values.new_zeros((), dtype=torch.float32)
-        return (self.values > 0).sum(-1, dtype=torch.float32).mean()
+        return (self.values != 0).sum(-1, dtype=torch.float32).mean()
 
 
 def init_weights(
@@ -85,14 +85,36 @@ def init_weights(
 
 
 def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, dead_mask: Tensor | None = None,
-           latent_group: dist.ProcessGroup | None = None):
-    """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k].
+           latent_group: dist.ProcessGroup | None = None, relu: bool = True):
+    """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k]; relu=False keeps the raw
+    top-k values.
 
     With a latent group, W_enc and b_enc are this rank's block of latents (megasae.parallel.latents).
     """
+    if not relu:
+        return _raw_topk(x, W_enc, b_enc, b_dec, k, dead_mask, latent_group)
     if latent_group is not None:
         return latents.topk_encode(x, W_enc, b_enc, b_dec, k, latent_group, dead_mask)
     return ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
+
+
+def _raw_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, dead_mask: Tensor | None,
+              latent_group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """topk_k(pre) without relu. The kernels select the same latents (their top-k is taken before their relu);
+    the values are then recomputed at those latents in plain PyTorch, O(N k d), so that autograd, not the
+    kernels' relu-masked backward, gives their gradients."""
+    if latent_group is not None:
+        raise ValueError(
+            "An SAE whose codes skip the ReLU (relu_codes=False) runs on one rank; its latents cannot be "
+            "split over a tensor-parallel group (use --tp 1)."
+        )
+    with torch.no_grad():
+        _, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
+    rows = x if b_dec is None else x - b_dec
+    values = torch.einsum("nd,nkd->nk", rows, W_enc[indices]) + b_enc[indices]
+    if dead_mask is not None:  # slots past the selectable latents are padding, 0 as from the kernels
+        values = values.masked_fill(~dead_mask[indices], 0)
+    return values, indices
 
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None,
@@ -159,6 +181,7 @@ def auxk_loss(
     k_aux: int,
     total_var: Tensor,
     latent_group: dist.ProcessGroup | None = None,
+    relu: bool = True,
 ) -> Tensor:
     """AuxK (Gao et al. 2024): the dead latents alone try to explain the detached residual.
 
@@ -170,7 +193,8 @@ def auxk_loss(
     num_dead = int(dead_mask.sum())
     if num_dead == 0 or x.shape[0] == 0:
         return x.new_zeros((), dtype=torch.float32)
-    values, indices = encode(x, W_enc, b_enc, encoder_pre_bias, min(k_aux, num_dead), dead_mask, latent_group)
+    values, indices = encode(x, W_enc, b_enc, encoder_pre_bias, min(k_aux, num_dead), dead_mask, latent_group,
+                             relu)
     residual_hat = decode(values, indices, W_dec, None, latent_group)
     scale = min(num_dead / k_aux, 1.0)
     return scale * fraction_of_variance_unexplained(residual.detach(), residual_hat, total_var)
@@ -180,9 +204,9 @@ def auxk_loss(
 def update_dead_counters(
     tokens_since_fired: Tensor, indices: Tensor, values: Tensor, group: dist.ProcessGroup | None = None
 ) -> None:
-    """Count tokens since each latent last fired (a positive value) on any rank of `group`, in place."""
+    """Count tokens since each latent last fired (a nonzero value) on any rank of `group`, in place."""
     fired = torch.zeros_like(tokens_since_fired, dtype=torch.int32)
-    fired[indices[values > 0]] = 1
+    fired[indices[values != 0]] = 1
     num_tokens = torch.tensor([indices.shape[0]], device=fired.device, dtype=torch.int64)
     if group is not None:
         dist.all_reduce(fired, op=dist.ReduceOp.MAX, group=group)

@@ -13,6 +13,7 @@ import yaml
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
 from megasae.errors import SettingError
+from megasae.peft.config import DEFAULT_TOKEN_POLICY
 
 
 @dataclass
@@ -62,9 +63,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the host's transformer layers one by one: a faster host forward after a one-off
     compile in the first step."""
-    tokens: Literal["all", "text", "image"] = "all"
+    tokens: Literal["all", "text", "image"] = DEFAULT_TOKEN_POLICY["tokens"]
     """Which positions the SAEs train on, by modality; padding, position 0 and special tokens never."""
-    outlier_factor: float | None = 10.0
+    outlier_factor: float | None = DEFAULT_TOKEN_POLICY["outlier_factor"]
     """Skip tokens whose activation norm exceeds this multiple of the batch median (attention sinks)."""
     text_column: str = "text"
     """Parquet column of plain text."""

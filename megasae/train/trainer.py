@@ -22,6 +22,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from megasae.data import build_batches, open_source
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.models import compile_blocks, load_host_model
+from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
 from megasae.parallel.latents import gather_rows, shard_rows
@@ -32,6 +33,7 @@ from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.errors import Interrupted
 from megasae.files import staging_directory
+from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
 from megasae.train.metrics import MetricsLog, StepMetrics
@@ -132,6 +134,8 @@ class Trainer:
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
             dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
+            base_model_name_or_path=cfg.model or DEFAULT_MODEL_NAME, dataset=cfg.data, ctx_len=cfg.ctx_len,
+            token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
         )
         self.stage, targets = None, list(cfg.target_modules)
         if self.par.pp_size > 1:

@@ -1,0 +1,125 @@
+"""SAELens (sae-lens 6): a folder per SAE, `cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`).
+
+Tensors W_enc [d_in, d_sae] (transposed from megasae's), b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+Its TopK SAE: pre = (x - b_dec * apply_b_dec_to_input) W_enc + b_enc, times the decoder row norms when
+`rescale_acts_by_decoder_norm`; codes relu(topk_k(pre)) (divided by those norms again before decoding);
+x_hat = codes W_dec + b_dec. SAELens has no TopK transcoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from megasae.formats.saes import SaeSet, SaeWeights, check_k, load_tensors, take
+from megasae.peft.config import TopKSaeConfig
+
+CONFIG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+# SAELens's own log10 of firing frequencies adds this, so that dead latents get -10 rather than -inf.
+SPARSITY_EPS = 1e-10
+
+
+def is_saelens(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def check(saes: SaeSet) -> None:
+    """Refuse, in one sentence, an SAE that SAELens's TopK SAE cannot express."""
+    for path in saes.saes:
+        if saes.config.transcode:
+            raise ValueError(
+                f"The SAE on {path!r} is a transcoder and SAELens has no TopK transcoder; "
+                "export it to sparsify instead."
+            )
+        if not saes.config.relu_codes:
+            raise ValueError(
+                f"The SAE on {path!r} keeps its raw top-k values without ReLU, which SAELens's TopK SAE "
+                "(ReLU after top-k) cannot express."
+            )
+
+
+def _metadata(config: TopKSaeConfig, hook_name: str) -> dict:
+    """SAELens's metadata block from what the adapter recorded of its training (None where it did not)."""
+    policy = config.token_policy or {}
+    seqpos = [1, None] if policy.get("mask_position_0") else [None] if policy else None
+    return {
+        "model_name": config.base_model_name_or_path,
+        "hook_name": hook_name,
+        "context_size": config.ctx_len,
+        "dataset_path": config.dataset,
+        "seqpos_slice": seqpos,
+        "exclude_special_tokens": policy.get("exclude_special_tokens"),
+        "prepend_bos": False,  # megasae tokenizes without added special tokens
+    }
+
+
+def write(saes: SaeSet, directory: Path, frequencies: dict, base_model_prefix: str) -> None:
+    """One SAELens folder per SAE, named by its module path, under `directory`."""
+    for path, sae in saes.saes.items():
+        folder = directory / path
+        folder.mkdir()
+        dtype = str(sae.W_enc.dtype).removeprefix("torch.")
+        cfg = {
+            "architecture": "topk", "d_in": sae.d_in, "d_sae": sae.num_latents, "k": saes.config.k,
+            "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+            "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
+            "metadata": _metadata(saes.config, path),
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+        save_file({name: t.contiguous() for name, t in tensors.items()}, folder / WEIGHTS_FILE)
+        if path in frequencies:
+            sparsity = torch.tensor(frequencies[path], dtype=torch.float32).add(SPARSITY_EPS).log10()
+            save_file({"sparsity": sparsity}, folder / SPARSITY_FILE)
+
+
+def _token_policy(metadata: dict) -> dict | None:
+    if "seqpos_slice" not in metadata:
+        return None
+    start = (metadata["seqpos_slice"] or [None])[0]
+    return {"mask_position_0": bool(start and start >= 1),
+            "exclude_special_tokens": bool(metadata.get("exclude_special_tokens")),
+            "outlier_factor": None, "tokens": "all"}
+
+
+def read(path: Path) -> SaeSet:
+    """A SAELens TopK SAE folder as a megasae SAE: the same codes and reconstruction."""
+    config_file, file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}).") from None
+    metadata = cfg.get("metadata") or {}
+    for key, valid in (("architecture", "topk"), ("normalize_activations", "none"),
+                       ("reshape_activations", "none")):
+        if cfg.get(key, valid) != valid:
+            raise ValueError(f"{config_file} has {key} {cfg.get(key)!r}; megasae reads SAELens SAEs with "
+                             f"{key} {valid!r}.")
+    hook_name = metadata.get("hook_name") or cfg.get("hook_name")
+    if not hook_name:
+        raise ValueError(f"{config_file} names no hook_name: megasae cannot tell which module the SAE reads.")
+    tensors = load_tensors(file)
+    unknown = sorted(set(tensors) - {"W_enc", "b_enc", "W_dec", "b_dec"})
+    if unknown:
+        raise ValueError(f"{file} has tensors {unknown} that a SAELens TopK SAE does not have.")
+    W_enc = take(tensors, file, "W_enc", (cfg.get("d_in"), cfg.get("d_sae"))).float()
+    d_in, d_sae = W_enc.shape
+    b_enc = take(tensors, file, "b_enc", (d_sae,)).float()
+    W_dec = take(tensors, file, "W_dec", (d_sae, d_in)).float()
+    b_dec = take(tensors, file, "b_dec", (d_in,)).float()
+    check_k(cfg.get("k"), d_sae, str(config_file))
+    if not cfg.get("apply_b_dec_to_input", True):  # megasae always subtracts b_dec: add it back in b_enc
+        b_enc = b_enc + b_dec @ W_enc
+    W_enc = W_enc.T
+    if cfg.get("rescale_acts_by_decoder_norm"):  # fold the decoder row norms into encoder and decoder
+        norms = W_dec.norm(dim=-1)
+        W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+    config = TopKSaeConfig(
+        k=cfg["k"], num_latents=d_sae, target_modules=[hook_name], base_model_name_or_path=metadata.get(
+            "model_name"), token_policy=_token_policy(metadata), ctx_len=metadata.get("context_size"),
+        dataset=metadata.get("dataset_path"),
+    )
+    return SaeSet(config, {hook_name: SaeWeights(W_enc.contiguous(), b_enc, W_dec, b_dec)}, path, "saelens")
