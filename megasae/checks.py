@@ -60,6 +60,9 @@ def _coerce(value, hint):
     elif hint is Path:
         if isinstance(value, (str, Path)):
             return Path(value)
+    elif hint is str:
+        if isinstance(value, (str, Path)):  # a field naming a file or a hub id takes a Path from the API
+            return str(value)
     elif isinstance(value, hint):
         return value
     raise _Wrong
