@@ -396,3 +396,15 @@ def test_an_adapter_saved_before_these_fields_loads_as_before(tmp_path):
     top = ((x - w[key + "b_dec"]) @ w[key + "W_enc"].T + w[key + "b_enc"]).topk(K)
     x_hat = dense(top.indices, top.values.relu(), LATENTS) @ w[key + "W_dec"] + w[key + "b_dec"]
     torch.testing.assert_close(spliced(adapter, x)["model.layers.1"], x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hub_id_the_network_cannot_provide_fails_in_one_sentence(tmp_path, monkeypatch):
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        raise hub.LocalEntryNotFoundError("not cached") if local_files_only else OSError("no route to host")
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"org/gone is neither a local path nor a cached Hugging Face Hub "
+                                                r"repository, and the Hub could not provide it \(OSError\)"):
+        formats.read("org/gone")

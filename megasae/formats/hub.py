@@ -38,7 +38,14 @@ def local_path(source: str | Path) -> Path:
                 f"{source} is neither a local path nor a cached Hugging Face Hub repository, and the Hub is "
                 "offline (HF_HUB_OFFLINE): download it once online or pass a local directory."
             ) from None
-        snapshot = snapshot_download(repo_id, allow_patterns=patterns)
+        try:
+            snapshot = snapshot_download(repo_id, allow_patterns=patterns)
+        except Exception as err:  # no network, no such repository, no access: each its own kind
+            raise FileNotFoundError(
+                f"{source} is neither a local path nor a cached Hugging Face Hub repository, and the Hub could "
+                f"not provide it ({type(err).__name__}): check the id and the network, or pass a local "
+                "directory."
+            ) from None
     path = Path(snapshot) / subfolder
     if not path.is_dir():
         raise FileNotFoundError(f"The Hugging Face Hub repository {repo_id} has no folder {subfolder!r}.")
