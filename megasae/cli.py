@@ -36,6 +36,15 @@ def train_command(args: list[str]) -> None:
         print(summary(cfg.output_dir, cfg.target_modules[0], cfg.model, cfg.eval_data))
 
 
+def cache_command(args: list[str]) -> None:
+    """Run the host once and store its targets' activations, for `megasae train --activations`."""
+    from megasae.data.activations import MANIFEST
+    from megasae.train.cache import CacheConfig, write_cache
+
+    out = write_cache(tyro.cli(CacheConfig, args=args, prog="megasae cache"))
+    print(f"wrote {out / MANIFEST}")
+
+
 def eval_command(args: list[str]) -> None:
     """Evaluate an SAE adapter on held-out data: eval.json, report.md and plots."""
     from megasae.eval import EvalConfig, run_eval
@@ -101,7 +110,7 @@ def quiet_libraries() -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": train_command, "eval": eval_command, "inspect": inspect_command, "plan": plan_command,
+    "train": train_command, "cache": cache_command, "eval": eval_command, "inspect": inspect_command, "plan": plan_command,
     "bench": bench_command, "export": export_command, "import": import_command,
 }
 

@@ -27,6 +27,9 @@ class TrainConfig:
     data: str = "builtin"
     """Training data: a Parquet file or a directory of them (text, chat or input_ids token rows), a datasets
     save_to_disk directory, hf:NAME[:CONFIG][:SPLIT], or 'builtin'."""
+    activations: Path | None = None
+    """Train from an activation cache (megasae cache) instead of running the host: --model, --data and the
+    targets must be the cache's; --max-tokens then counts cached activations."""
     target_modules: tuple[str, ...] = ("model.layers.15",)
     """Modules to attach SAEs to: names or name suffixes."""
     k: int = 32
@@ -130,7 +133,7 @@ class TrainConfig:
     def to_json(self) -> str:
         """The settings, with the paths of local files resolved: the record a resumed run is compared with."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("model", "data", "eval_data"):
+        for name in ("model", "data", "eval_data", "activations"):
             if fields[name] is not None and fields[name] != "builtin" and Path(fields[name]).exists():
                 fields[name] = str(Path(fields[name]).resolve())
         return json.dumps(fields, indent=2, default=str)

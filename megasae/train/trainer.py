@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megasae.data import build_batches, open_source
+from megasae.data.activations import ActivationBatches, read_manifest
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.models import compile_blocks, load_host_model
+from megasae.models.replay import ReplayHost
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
@@ -34,6 +36,7 @@ from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_la
 from megasae.errors import Interrupted
 from megasae.files import staging_directory
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.train.cache import CacheConfig
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
 from megasae.train.metrics import MetricsLog, StepMetrics
@@ -109,19 +112,25 @@ class Trainer:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
         checkpoint = self._checkpoint_to_resume() if cfg.resume else None
 
-        data_args = dict(rank=self.par.dp_rank, world_size=self.par.dp_size, seed=cfg.seed,
-                         text_column=cfg.text_column, messages_column=cfg.messages_column,
-                         images_column=cfg.images_column, tokens=cfg.tokens)
-        open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
-        host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        if self.par.tp_size > 1 or self.par.pp_size > 1:  # each rank reads its slices of its stage's layers
-            host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), self.par,
-                                                             dtype=host_dtype)
+        self.host_name, self.data_name = cfg.model or DEFAULT_MODEL_NAME, cfg.data
+        if cfg.activations is not None:
+            host = self._replay_host()
+            self.batches = ActivationBatches(cfg.activations, self.micro_tokens, self.par.dp_rank,
+                                             self.par.dp_size, cfg.seed)
         else:
-            host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
-        self.batches = build_batches(
-            cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
-        )
+            data_args = dict(rank=self.par.dp_rank, world_size=self.par.dp_size, seed=cfg.seed,
+                             text_column=cfg.text_column, messages_column=cfg.messages_column,
+                             images_column=cfg.images_column, tokens=cfg.tokens)
+            open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
+            host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+            if self.par.tp_size > 1 or self.par.pp_size > 1:  # each rank reads its slices of its stage's layers
+                host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), self.par,
+                                                                 dtype=host_dtype)
+            else:
+                host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
+            self.batches = build_batches(
+                cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
+            )
         self._check_first_batch()
         # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the
         # host forward and the latent-parallel SAEs need each of them); the others wait at the next step.
@@ -134,7 +143,7 @@ class Trainer:
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
             dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
-            base_model_name_or_path=cfg.model or DEFAULT_MODEL_NAME, dataset=cfg.data, ctx_len=cfg.ctx_len,
+            base_model_name_or_path=self.host_name, dataset=self.data_name, ctx_len=cfg.ctx_len,
             token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
         )
         self.stage, targets = None, list(cfg.target_modules)
@@ -182,6 +191,32 @@ class Trainer:
                 "device may change: README, 'Failure and recovery') or start afresh with --overwrite."
             )
         return checkpoint
+
+    def _replay_host(self) -> ReplayHost:
+        """The stand-in host of an activation cache, refused when the run asks for another host, data or
+        targets than the cache holds."""
+        cfg, manifest = self.cfg, read_manifest(self.cfg.activations)
+        if self.par.tp_size > 1 or self.par.pp_size > 1 or cfg.eval_every > 0:
+            raise ValueError("--activations trains without the host: --tp, --pp and --eval-every need it.")
+        # --model and --data left at their defaults mean the cache's; given, they must be the cache's.
+        asked = CacheConfig(output_dir=cfg.activations, model=cfg.model, data=cfg.data).settings()
+        for key, default in (("model", None), ("data", "builtin")):
+            if getattr(cfg, key) != default and manifest["settings"][key] != asked[key]:
+                raise ValueError(f"--activations {cfg.activations} holds the activations of --{key} "
+                                 f"{manifest['settings'][key]}, not of {asked[key]}.")
+        self.host_name, self.data_name = manifest["settings"]["model"], manifest["settings"]["data"]
+        if manifest["settings"]["transcode"] != cfg.transcode:
+            raise ValueError(f"--activations {cfg.activations} was cached with transcode="
+                             f"{manifest['settings']['transcode']}; --transcode must match it.")
+        targets = {}
+        for wanted in cfg.target_modules:
+            found = [p for p in manifest["targets"] if p == wanted or p.endswith(f".{wanted}")]
+            if not found:
+                raise ValueError(f"--activations {cfg.activations} holds no activations of {wanted!r}; it holds "
+                                 f"{', '.join(manifest['targets'])}.")
+            targets.update({p: manifest["targets"][p] for p in found})
+        self.processor = None
+        return ReplayHost(targets)
 
     def _check_first_batch(self) -> None:
         """Read one batch now, so data that yields no sequence fails before anything is written."""

@@ -1,0 +1,161 @@
+"""`megasae cache` then `megasae train --activations`: the stored rows are the host's own activations at the
+positions the token mask keeps; training from the cache streams them in a seeded, resumable order without
+the host and saves an adapter that loads on the real host; bad caches are refused in one sentence."""
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megasae import PeftSaeModel
+from megasae.data import build_batches
+from megasae.data.activations import ActivationBatches
+from megasae.errors import Interrupted
+from megasae.models import load_host_model
+from megasae.train import TrainConfig, Trainer
+from megasae.train.cache import CacheConfig, write_cache
+
+from test_train import text_data  # noqa: F401 (a fixture)
+
+TARGETS = ("model.layers.0", "model.layers.1")
+
+
+def cache_config(host_dir, data, out, **overrides):
+    fields = dict(output_dir=out, model=str(host_dir), data=str(data), target_modules=TARGETS, max_tokens=600,
+                  shard_tokens=200, ctx_len=16, micro_batch_size=4, device="cpu", cache_dtype="float32")
+    return CacheConfig(**{**fields, **overrides})
+
+
+def train_config(cache, out, **overrides):
+    fields = dict(activations=cache, target_modules=TARGETS, k=4, expansion_factor=4, ctx_len=16,
+                  micro_batch_size=4, batch_tokens=128, max_tokens=128 * 6, warmup_steps=1, log_every=1,
+                  wandb_mode="disabled", output_dir=out, device="cpu", lr=3e-3, outlier_factor=None)
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def cache(host_dir, text_data, tmp_path_factory):  # noqa: F811
+    return write_cache(cache_config(host_dir, text_data, tmp_path_factory.mktemp("cache") / "c"))
+
+
+def test_the_cache_holds_the_hosts_activations_at_the_kept_positions(host_dir, text_data, cache):  # noqa: F811
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["tokens"] >= 600
+    assert manifest["targets"] == {t: {"width": 32, "transcode": False} for t in TARGETS}
+    host, tokenizer = load_host_model(host_dir)
+    batches = build_batches(str(text_data), tokenizer, ctx_len=16, batch_size=4, rank=0, world_size=1, seed=0)
+    expected = {t: [] for t in TARGETS}
+    with torch.inference_mode():
+        while sum(len(x) for x in expected[TARGETS[0]]) < manifest["tokens"]:
+            batch = next(batches)
+            hidden = host(**batch.inputs, output_hidden_states=True).hidden_states
+            for i, target in enumerate(TARGETS):
+                expected[target].append(hidden[i + 1][batch.token_mask])
+    shards = [load_file(cache / s["file"]) for s in manifest["shards"]]
+    for target in TARGETS:
+        stored = torch.cat([shard[target] for shard in shards])
+        torch.testing.assert_close(stored, torch.cat(expected[target]), rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_read_every_cached_row_once_per_epoch_and_resume_exactly(cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    total = manifest["tokens"]
+    everything = torch.cat([load_file(cache / s["file"])["model.layers.0"] for s in manifest["shards"]])
+    seen = []
+    for rank in (0, 1):
+        rows = ActivationBatches(cache, 1, rank, 2, seed=0)
+        seen += [next(rows).inputs["model.layers.0"] for _ in range((total - rank + 1) // 2)]
+    assert sorted(map(tuple, torch.cat(seen).tolist())) == sorted(map(tuple, everything.tolist()))
+    first = [next(ActivationBatches(cache, 1, 0, 2, seed=s)).inputs["model.layers.0"] for s in (0, 1)]
+    assert not torch.equal(*first)  # the order depends on the seed
+
+    running = ActivationBatches(cache, 10, 1, 2, seed=0)
+    for _ in range(7):
+        next(running)
+    resumed = ActivationBatches(cache, 10, 1, 2, seed=0)
+    resumed.load_state_dict(running.state_dict())
+    for _ in range(40):  # across the epoch's end
+        assert torch.equal(next(resumed).inputs["model.layers.1"], next(running).inputs["model.layers.1"])
+
+
+def test_training_from_the_cache_needs_no_host_and_loads_on_the_host(host_dir, cache, tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the host was loaded")
+
+    monkeypatch.setattr("megasae.train.trainer.load_host_model", must_not_load)
+    Trainer(train_config(cache, tmp_path / "run")).fit()
+    monkeypatch.undo()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["fvu"] < records[0]["fvu"]
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(host_dir.resolve())
+    host, _ = load_host_model(host_dir)
+    model = PeftSaeModel.from_pretrained(host, tmp_path / "run")
+    assert sorted(layer.module_path for layer in model.base_model.model.modules()
+                  if hasattr(layer, "sae_W_enc")) == list(TARGETS)
+
+
+def test_training_from_the_cache_resumes_exactly(cache, tmp_path):
+    Trainer(train_config(cache, tmp_path / "straight")).fit()
+    split = Trainer(train_config(cache, tmp_path / "split"))
+    real_step = split.train_step
+
+    def step_then_sigterm():
+        out = real_step()
+        if split.step == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    split.train_step = step_then_sigterm
+    with pytest.raises(Interrupted):
+        split.fit()
+    Trainer(train_config(cache, tmp_path / "split", resume=True)).fit()
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "adapter_model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_an_interrupted_cache_continues_where_it_stopped(host_dir, text_data, cache, tmp_path, monkeypatch):  # noqa: F811
+    from megasae.train import cache as cache_module
+
+    real = cache_module._write_shard
+    calls = []
+
+    def die_after_two(*args):
+        real(*args)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "_write_shard", die_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(cache_config(host_dir, text_data, tmp_path / "c"))
+    monkeypatch.undo()
+    write_cache(cache_config(host_dir, text_data, tmp_path / "c"))
+    for a, b in zip(sorted(cache.glob("shard-*")), sorted((tmp_path / "c").glob("shard-*")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_bad_caches_and_mismatched_runs_are_refused(host_dir, text_data, cache, tmp_path):  # noqa: F811
+    with pytest.raises(FileExistsError, match="holds a complete cache"):
+        write_cache(cache_config(host_dir, text_data, cache))
+    with pytest.raises(ValueError, match=r"holds a cache made with other settings \(seed 0 -> 1\)"):
+        write_cache(cache_config(host_dir, text_data, cache, seed=1))
+    with pytest.raises(ValueError, match=r"holds no activations of 'model.layers.2'; it holds model.layers.0"):
+        Trainer(train_config(cache, tmp_path / "a", target_modules=("model.layers.2",)))
+    with pytest.raises(ValueError, match="holds the activations of --data"):
+        Trainer(train_config(cache, tmp_path / "b", data=str(tmp_path)))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in cache.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    shard = broken / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    batches = ActivationBatches(broken, 100, 0, 1, seed=0)
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors does not match the sha256 .* corrupt"):
+        for _ in range(20):
+            next(batches)
+    with pytest.raises(FileNotFoundError, match="is no activation cache"):
+        Trainer(train_config(tmp_path, tmp_path / "c"))
