@@ -10,7 +10,6 @@ import torch
 from megasae.cli import main as cli_main
 
 from data_fixtures import write_parquet
-from test_train import text_data  # noqa: F401 (a fixture)
 
 
 def _run(args, capsys) -> tuple[int, str]:

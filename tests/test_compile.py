@@ -6,7 +6,7 @@ from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.models import compile_blocks
 from megasae.peft import sae_layers
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 
 def test_compiled_blocks_train_like_eager():

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
 
-from conftest import TwoLayerMLP, tiny_llama
+from helpers import TwoLayerMLP, tiny_llama
 
 
 def test_missing_target_names_the_closest_modules():

@@ -14,37 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.cli import main as cli_main
-from megasae.eval import EvalConfig, evaluate
+from megasae.eval import evaluate
 from megasae.eval.batches import held_out_batches
 from megasae.files import write_atomic
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 
-from conftest import WORDS
 from data_fixtures import write_parquet
-
-TARGET = "model.layers.1"
-
-
-def save_adapter(host_dir, path, targets=(TARGET,), weights=None, k=4, num_latents=64):
-    """A random SAE whose b_dec is the mean of one batch (as training starts), or the given weights."""
-    host, _ = load_host_model(host_dir)
-    model = get_peft_sae_model(host, TopKSaeConfig(k=k, num_latents=num_latents, target_modules=list(targets)))
-    model.train()
-    with torch.no_grad(), model.capture():
-        model(input_ids=torch.randint(3, 90, (2, 16)))
-    for name, tensor in (weights or {}).items():
-        dict(model.named_parameters())[f"base_model.model.{TARGET}.sae_{name}.default"].data.copy_(tensor)
-    model.save_pretrained(path)
-    return path
-
-
-def eval_config(host_dir, adapter, data, **overrides):
-    fields = dict(adapter=adapter, model=str(host_dir), data=str(data), max_tokens=160, batch_size=4, ctx_len=16,
-                  seed=3, device="cpu", outlier_factor=None)
-    fields.update(overrides)
-    return EvalConfig(**fields)
-
+from helpers import TARGET, WORDS, eval_config, save_adapter
 
 def reference(host_dir, adapter_dir, cfg):
     """Every number of evaluate() recomputed with plain torch: a hooked HF model and a dense SAE."""

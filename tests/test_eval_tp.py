@@ -11,7 +11,7 @@ from megasae.eval import EvalConfig, run_eval
 from megasae.train import TrainConfig, Trainer
 
 from distributed import run_ranks
-from test_eval import save_adapter
+from helpers import save_adapter
 
 TARGET = "model.layers.1"
 

@@ -8,7 +8,7 @@ from torch import nn
 import megasae
 from megasae import TopKSaeConfig, get_peft_sae_model
 
-from conftest import DummyModel, TwoLayerMLP, tiny_llama
+from helpers import DummyModel, TwoLayerMLP, tiny_llama
 
 
 def layer_outputs(model, names):

@@ -16,15 +16,7 @@ from megasae.eval.batches import held_out_batches
 from megasae.eval.splice import EvalHost
 from megasae.parallel import ParallelState
 
-from test_eval import TARGET, save_adapter
-
-SETTINGS = dict(max_tokens=256, batch_size=4, ctx_len=16, seed=3, device="cpu", outlier_factor=None)
-
-
-@pytest.fixture(scope="module")
-def adapter(host_dir, tmp_path_factory):
-    return save_adapter(host_dir, tmp_path_factory.mktemp("inspect") / "adapter")
-
+from helpers import SETTINGS, TARGET, save_adapter
 
 def strongest_per_sequence(host_dir, adapter, data, latent):
     """Each sequence's strongest activation of `latent`, read straight off the SAE's codes."""

@@ -16,7 +16,7 @@ from megasae.train import checkpoint as checkpoint_module
 from megasae.train import run_dir
 from megasae.train.checkpoint import latest_checkpoint
 
-from test_train import adapter_tensors, config, fit_until_sigterm, text_data  # noqa: F401 (a fixture)
+from helpers import adapter_tensors, config, fit_until_sigterm
 
 
 class RunsCode:
