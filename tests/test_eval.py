@@ -23,6 +23,7 @@ from megasae.train import TrainConfig, Trainer
 from data_fixtures import write_parquet
 from helpers import TARGET, WORDS, eval_config, save_adapter
 
+
 def reference(host_dir, adapter_dir, cfg):
     """Every number of evaluate() recomputed with plain torch: a hooked HF model and a dense SAE."""
     host = AutoModelForCausalLM.from_pretrained(host_dir).eval()

@@ -18,6 +18,7 @@ from megasae.parallel import ParallelState
 
 from helpers import SETTINGS, TARGET, save_adapter
 
+
 def strongest_per_sequence(host_dir, adapter, data, latent):
     """Each sequence's strongest activation of `latent`, read straight off the SAE's codes."""
     cfg = InspectConfig(adapter=adapter, model=str(host_dir), data=str(data), **SETTINGS)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from megasae.errors import Interrupted, SettingError
-from megasae.train import Trainer
+from megasae.train import Trainer, run_dir
 from megasae.train import checkpoint as checkpoint_module
-from megasae.train import run_dir
 from megasae.train.checkpoint import latest_checkpoint
 
 from helpers import adapter_tensors, config, fit_until_sigterm

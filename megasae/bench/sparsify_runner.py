@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(spec["threads"])
     import sparsify
     import sparsify.trainer as sparsify_trainer
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
     from transformers import AutoModel
 
     data = torch.load(spec["tokens"])

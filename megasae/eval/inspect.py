@@ -15,9 +15,9 @@ from megasae.data.masks import image_token_ids, tokenizer_of
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import InspectConfig
 from megasae.eval.evaluate import init_eval_ranks
-from megasae.files import write_atomic
 from megasae.eval.images import heatmap_png, image_runs, token_grid, unpatchify_qwen
 from megasae.eval.splice import EvalHost
+from megasae.files import write_atomic
 from megasae.parallel import ParallelState
 from megasae.sae import SaeOutput
 
