@@ -3,7 +3,6 @@
 import pytest
 import torch
 from peft import inject_adapter_in_model
-from torch import nn
 
 import megasae
 from megasae import TopKSaeConfig, get_peft_sae_model

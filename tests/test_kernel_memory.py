@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megasae import ops
 
