@@ -24,7 +24,10 @@ def inputs(N=37, d=D, m=M, dtype=torch.float32, device="cpu", bias=True, seed=0)
     W_enc = torch.randn(m, d, generator=g, dtype=torch.float64)
     b_enc = torch.randn(m, generator=g, dtype=torch.float64)
     b_dec = torch.randn(d, generator=g, dtype=torch.float64) if bias else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
     return cast(x), cast(W_enc), cast(b_enc), cast(b_dec)
 
 
@@ -235,7 +238,10 @@ def test_bf16_gradients(bias, device):
     up = torch.randn(values.shape, generator=torch.Generator().manual_seed(3)).to(values)
     (values * up).sum().backward()
 
-    f32 = lambda t: t.float().cpu()
+
+    def f32(t):
+        return t.float().cpu()
+
     x_in = f32(x) if b_dec is None else f32(x - b_dec)  # x - b_dec rounds in bf16, as in the ops
     G = torch.zeros(x.shape[0], 200).scatter(1, indices.cpu(), f32(up) * (f32(values) > 0))
     want = [G @ f32(W_enc), G.T @ x_in, G.sum(0)] + ([-(G @ f32(W_enc)).sum(0)] if bias else [])

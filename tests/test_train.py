@@ -45,7 +45,10 @@ def test_bf16_compute_trains_float32_weights(host_dir, text_data, tmp_path):
     weights = adapter_tensors(mixed)
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert json.loads((mixed / "adapter_config.json").read_text())["compute_dtype"] == "bfloat16"
-    final = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["fvu"]
+
+    def final(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["fvu"]
+
     assert final(mixed) == pytest.approx(final(fp32), rel=0.05)
 
 
