@@ -198,6 +198,9 @@ def build_batches(
     identity = {"kind": kind, "rank": rank, "world_size": world_size, "seed": seed}
     if kind == "chat":
         encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
-        return ChatStream(source, name, masker, batch_size, identity, encoder, _pad_id(tokenizer_of(processor)))
+        pad_id = _pad_id(tokenizer_of(processor))
+        return ChatStream(source, name, masker, batch_size, identity, encoder, pad_id)
     column = None if kind == "builtin" else text_column
-    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column)
+    return PackedTextStream(
+        source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column
+    )

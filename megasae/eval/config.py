@@ -31,7 +31,8 @@ class HeldOutData:
     seed: int = 1
     """Seed of the data order; training's default is 0, so the built-in corpus starts elsewhere."""
     tokens: Literal["all", "text", "image"] = "all"
-    """Which positions the SAEs read and replace, by modality; padding, position 0 and special tokens never."""
+    """Which positions the SAEs read and replace, by modality; padding, position 0 and special
+    tokens never."""
     outlier_factor: float | None = 10.0
     """Leave out tokens whose activation norm exceeds this multiple of the batch median, as training does."""
     dtype: Literal["float32", "bfloat16"] = "float32"
