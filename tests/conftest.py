@@ -44,11 +44,12 @@ def qwen25vl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen25vl")
     tiny = tiny_qwen25vl_processor()
     # The saved processor is the real one (its video processor needs torchvision, the `vl` extra).
-    Qwen2_5_VLProcessor(image_processor=tiny.image_processor, tokenizer=tiny.tokenizer,
-                        video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.chat_template).save_pretrained(path)
+    processor = Qwen2_5_VLProcessor(image_processor=tiny.image_processor, tokenizer=tiny.tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.chat_template)
+    processor.save_pretrained(path)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
+        text_config=dict(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                            fullatt_block_indexes=[0]),

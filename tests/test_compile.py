@@ -14,7 +14,8 @@ def test_compiled_blocks_train_like_eager():
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = get_peft_sae_model(tiny_llama(num_layers=3), TopKSaeConfig(k=4, num_latents=32, target_modules=["model.layers.1"]))
+        config = TopKSaeConfig(k=4, num_latents=32, target_modules=["model.layers.1"])
+        model = get_peft_sae_model(tiny_llama(num_layers=3), config)
         model.train()
         if compiled:
             assert compile_blocks(model) == 3

@@ -1,4 +1,5 @@
-"""`megasae train` end to end on tiny random hosts: outputs, exact resume (1 and 2 ranks), interrupts, errors."""
+"""`megasae train` end to end on tiny random hosts: outputs, exact resume (1 and 2 ranks), interrupts,
+errors."""
 
 import json
 from pathlib import Path
@@ -101,7 +102,8 @@ def test_zero1_shards_adam_without_changing_the_result(host_dir, text_data, tmp_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7)
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint_latest(host_dir, text_data, tmp_path, monkeypatch):
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_latest(host_dir, text_data, tmp_path,
+                                                                    monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(config(host_dir, text_data, out, save_every=128 * 4))
 

@@ -95,7 +95,8 @@ def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(host_dir,
     assert not list((out / "checkpoints").glob(".step-*.tmp"))  # the crash's leftover was cleaned up
 
 
-def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, text_data, tmp_path, monkeypatch):
+def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, text_data, tmp_path,
+                                                                      monkeypatch):
     out = tmp_path / "run"
     Trainer(config(host_dir, text_data, out)).fit()
     expected = adapter_tensors(out)
@@ -119,7 +120,8 @@ def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, t
     assert (out / "adapter_config.json").is_file()
 
 
-def test_resume_rolls_back_the_metrics_logged_after_its_checkpoint(host_dir, text_data, tmp_path, monkeypatch):
+def test_resume_rolls_back_the_metrics_logged_after_its_checkpoint(host_dir, text_data, tmp_path,
+                                                                    monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(config(host_dir, text_data, out, log_every=1, save_every=128 * 4))
     real_step = trainer.train_step
@@ -205,8 +207,8 @@ def test_wandb_offline_looks_nothing_up_on_the_network(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    done = subprocess.run([sys.executable, "-c", NETWORK_PROBE, str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", NETWORK_PROBE, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert list(tmp_path.glob("wandb/offline-run-*"))
