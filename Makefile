@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.megasae-installed
 TORCH := torch==2.14.1
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test gpu-wheels clean
+.PHONY: install demo lint test gpu-wheels clean
 
 install: $(INSTALLED)
 
@@ -25,7 +25,11 @@ $(INSTALLED): $(BUILD_INPUTS)
 demo: $(INSTALLED)
 	$(PY) -m megasae train --output-dir runs/demo
 
-test: $(INSTALLED)
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+
+# Lint first: a ruff finding fails in seconds, before the long test run.
+test: lint
 	$(PY) -m pytest -q
 
 # Pure-Python wheels that launch/gpu_check.sh installs on a GPU machine without network: megasae's pins the

@@ -15,7 +15,7 @@ toolkit_set = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
 if not toolkit_set and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402 (after CUDA_HOME is set)
 
 
 def extension():

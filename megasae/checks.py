@@ -91,6 +91,6 @@ def check_at_least(cfg, minimum: float, *names: str) -> None:
 def check_outlier_factor(value: float | None) -> None:
     if value is not None and value < 1:
         raise SettingError(
-            f"--outlier-factor must be at least 1 (a multiple of the median activation norm; none keeps every "
-            f"token), got {value}: it would leave out most tokens, or all of them."
+            "--outlier-factor must be at least 1 (a multiple of the median activation norm; none keeps "
+            f"every token), got {value}: it would leave out most tokens, or all of them."
         )

@@ -1,9 +1,10 @@
 """What the command line does with an error: one sentence and an exit code, or a traceback for a bug.
 
 megasae states every refusal as one sentence in a ValueError, TypeError, LookupError, OSError or
-SettingError raised by its own code; those are bad input (exit 2). Any other exception raised by megasae's code is a failure
-at run time (exit 1). An exception raised inside another library is either a bug or a raw error megasae
-failed to turn into a sentence: its traceback is shown. MEGASAE_DEBUG=1 (or --debug) always shows it.
+SettingError raised by its own code; those are bad input (exit 2). Any other exception raised by
+megasae's code is a failure at run time (exit 1). An exception raised inside another library is either
+a bug or a raw error megasae failed to turn into a sentence: its traceback is shown. MEGASAE_DEBUG=1
+(or --debug) always shows it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -10,45 +9,12 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from helpers import WORDS, save_adapter
+
 torch.use_deterministic_algorithms(True)
 
-WORDS = "a quick brown fox jumps over the lazy dog while seven tired owls hum old songs".split()
-
-
-class DummyModel(nn.Module):
-    """The host model of the original project's README example."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(10, 10)
-
-    def forward(self, x):
-        return self.linear(x)
-
-
-class TwoLayerMLP(nn.Module):
-    def __init__(self, width: int = 16):
-        super().__init__()
-        self.up = nn.Linear(width, 2 * width)
-        self.act = nn.GELU()
-        self.down = nn.Linear(2 * width, width)
-
-    def forward(self, x):
-        return self.down(self.act(self.up(x)))
-
-
-def tiny_llama(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+# The training runs' text: another word list than the eval data's `WORDS`.
+TEXT_WORDS = "the cat sat on a mat while dogs ran in parks and birds sang over green hills".split()
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +41,12 @@ def qwen25vl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen25vl")
     tiny = tiny_qwen25vl_processor()
     # The saved processor is the real one (its video processor needs torchvision, the `vl` extra).
-    Qwen2_5_VLProcessor(image_processor=tiny.image_processor, tokenizer=tiny.tokenizer,
-                        video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.chat_template).save_pretrained(path)
+    processor = Qwen2_5_VLProcessor(image_processor=tiny.image_processor, tokenizer=tiny.tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.chat_template)
+    processor.save_pretrained(path)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
+        text_config=dict(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                            fullatt_block_indexes=[0]),
@@ -115,6 +82,27 @@ def words_data(tmp_path_factory):
     rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (30,), generator=g).tolist())}
             for _ in range(60)]
     return write_parquet(tmp_path_factory.mktemp("eval-data") / "text.parquet", rows)
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """200 Parquet rows of 40 random words each, for the training runs."""
+    from data_fixtures import write_parquet
+
+    path = tmp_path_factory.mktemp("data") / "text.parquet"
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(200):
+        words = torch.randint(0, len(TEXT_WORDS), (40,), generator=g).tolist()
+        rows.append({"text": " ".join(TEXT_WORDS[i] for i in words)})
+    write_parquet(path, rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(host_dir, tmp_path_factory):
+    """A random SAE on `host_dir`'s layer 1, saved once per module."""
+    return save_adapter(host_dir, tmp_path_factory.mktemp("inspect") / "adapter")
 
 
 @pytest.fixture(autouse=True)

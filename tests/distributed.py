@@ -24,5 +24,6 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args):
 
 
 def run_ranks(fn, world_size: int, *args) -> None:
-    """fn(rank, world_size, *args) on each rank; fn must be importable (module level). Raises if a rank fails."""
+    """fn(rank, world_size, *args) on each rank; fn must be importable (module level). Raises if a rank
+    fails."""
     mp.spawn(_rank_main, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

@@ -17,8 +17,6 @@ from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 from megasae.train.cache import CacheConfig, write_cache
 
-from test_train import text_data  # noqa: F401 (a fixture)
-
 TARGETS = ("model.layers.0", "model.layers.1")
 
 
@@ -36,11 +34,11 @@ def train_config(cache, out, **overrides):
 
 
 @pytest.fixture(scope="module")
-def cache(host_dir, text_data, tmp_path_factory):  # noqa: F811
+def cache(host_dir, text_data, tmp_path_factory):
     return write_cache(cache_config(host_dir, text_data, tmp_path_factory.mktemp("cache") / "c"))
 
 
-def test_the_cache_holds_the_hosts_activations_at_the_kept_positions(host_dir, text_data, cache):  # noqa: F811
+def test_the_cache_holds_the_hosts_activations_at_the_kept_positions(host_dir, text_data, cache):
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["complete"] and manifest["tokens"] >= 600
     assert manifest["targets"] == {t: {"width": 32, "transcode": False} for t in TARGETS}
@@ -117,7 +115,7 @@ def test_training_from_the_cache_resumes_exactly(cache, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_an_interrupted_cache_continues_where_it_stopped(host_dir, text_data, cache, tmp_path, monkeypatch):  # noqa: F811
+def test_an_interrupted_cache_continues_where_it_stopped(host_dir, text_data, cache, tmp_path, monkeypatch):
     from megasae.train import cache as cache_module
 
     real = cache_module._write_shard
@@ -138,7 +136,7 @@ def test_an_interrupted_cache_continues_where_it_stopped(host_dir, text_data, ca
         assert a.read_bytes() == b.read_bytes()
 
 
-def test_bad_caches_and_mismatched_runs_are_refused(host_dir, text_data, cache, tmp_path):  # noqa: F811
+def test_bad_caches_and_mismatched_runs_are_refused(host_dir, text_data, cache, tmp_path):
     with pytest.raises(FileExistsError, match="holds a complete cache"):
         write_cache(cache_config(host_dir, text_data, cache))
     with pytest.raises(ValueError, match=r"holds a cache made with other settings \(seed 0 -> 1\)"):

@@ -10,7 +10,6 @@ import torch
 
 from megasae.bench.train import default_sparsify_python, heldout_fvu, main, megasae_mask
 
-
 SPARSIFY_PYTHON = default_sparsify_python()
 
 

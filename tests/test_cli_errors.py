@@ -10,7 +10,6 @@ import torch
 from megasae.cli import main as cli_main
 
 from data_fixtures import write_parquet
-from test_train import text_data  # noqa: F401 (a fixture)
 
 
 def _run(args, capsys) -> tuple[int, str]:
@@ -74,11 +73,12 @@ OTHER_CASES = [
     (["eval", "--adapter", "{tmp}/nowhere"], "megasae eval: error: ", "nowhere"),
     (["eval", "--adapter", "{tmp}/bad-adapter", "--max-tokens", "0"], "megasae eval: error: ",
      "--max-tokens must be at least 1"),
-    (["inspect", "--adapter", "{tmp}/bad-adapter"], "megasae inspect: error: ", "Pass exactly one of --latents"),
+    (["inspect", "--adapter", "{tmp}/bad-adapter"], "megasae inspect: error: ",
+     "Pass exactly one of --latents"),
     (["inspect", "--adapter", "{tmp}/bad-adapter", "--latents", "a,b"], "megasae inspect: error: ",
      "--latents must be comma-separated latent ids"),
-    (["inspect", "--adapter", "{tmp}/bad-adapter", "--top", "2", "--examples", "0"], "megasae inspect: error: ",
-     "--examples must be at least 1"),
+    (["inspect", "--adapter", "{tmp}/bad-adapter", "--top", "2", "--examples", "0"],
+     "megasae inspect: error: ", "--examples must be at least 1"),
     (["bench", "nope"], "megasae bench: error: ", "valid names: kernels"),
     (["trian"], "megasae: error: ", "unknown command 'trian'; valid commands: train"),
 ]

@@ -6,7 +6,7 @@ from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.models import compile_blocks
 from megasae.peft import sae_layers
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 
 def test_compiled_blocks_train_like_eager():
@@ -14,7 +14,8 @@ def test_compiled_blocks_train_like_eager():
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = get_peft_sae_model(tiny_llama(num_layers=3), TopKSaeConfig(k=4, num_latents=32, target_modules=["model.layers.1"]))
+        config = TopKSaeConfig(k=4, num_latents=32, target_modules=["model.layers.1"])
+        model = get_peft_sae_model(tiny_llama(num_layers=3), config)
         model.train()
         if compiled:
             assert compile_blocks(model) == 3

@@ -67,7 +67,8 @@ def test_eval_on_cuda_equals_eval_on_cpu(host_dir, words_data, tmp_path):
     results = {}
     for device in ("cpu", "cuda"):
         cfg = EvalConfig(adapter=tmp_path / "run", model=str(host_dir), data=str(words_data), max_tokens=160,
-                         batch_size=4, ctx_len=16, seed=3, device=device, output_dir=tmp_path / f"eval-{device}")
+                         batch_size=4, ctx_len=16, seed=3, device=device,
+                         output_dir=tmp_path / f"eval-{device}")
         results[device] = evaluate(cfg)["targets"][TARGET]["groups"]["all"]
     assert results["cuda"]["tokens"] == results["cpu"]["tokens"]
     for key in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered"):

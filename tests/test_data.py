@@ -7,6 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from megasae.data import build_batches, token_batches
+
 from data_fixtures import (
     decode_chars,
     png_bytes,
@@ -15,8 +18,6 @@ from data_fixtures import (
     tiny_text_tokenizer,
     write_parquet,
 )
-
-from megasae.data import build_batches, token_batches
 
 DOCS = [f"doc{i};" for i in range(31)]  # odd: the two ranks' shares differ by one
 

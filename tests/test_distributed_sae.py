@@ -5,8 +5,8 @@ import torch
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.parallel import sum_gradients
 
-from conftest import TwoLayerMLP
 from distributed import run_ranks
+from helpers import TwoLayerMLP
 
 CONFIG = dict(k=3, num_latents=24, target_modules=["down"], dead_tokens_threshold=5)
 

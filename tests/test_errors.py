@@ -8,12 +8,13 @@ from peft import LoraConfig, get_peft_model
 
 from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
 
-from conftest import TwoLayerMLP, tiny_llama
+from helpers import TwoLayerMLP, tiny_llama
 
 
 def test_missing_target_names_the_closest_modules():
     with pytest.raises(ValueError) as err:
-        get_peft_sae_model(tiny_llama(), TopKSaeConfig(k=2, target_modules=["model.layers.1", "model.layer.3"]))
+        config = TopKSaeConfig(k=2, target_modules=["model.layers.1", "model.layer.3"])
+        get_peft_sae_model(tiny_llama(), config)
     message = str(err.value)
     assert "'model.layer.3' not found in LlamaForCausalLM" in message
     assert "model.layers.3" in message
@@ -63,7 +64,8 @@ def test_k_above_num_latents():
     with pytest.raises(ValueError, match=r"k \(9\) must be at most num_latents \(8\)"):
         TopKSaeConfig(k=9, num_latents=8, target_modules=["up"])
     # With num_latents from the expansion factor the check happens once the width is known.
-    with pytest.raises(ValueError, match=r"k \(40\) must be at most the number of latents \(32\) of the SAE on 'down'"):
+    message = r"k \(40\) must be at most the number of latents \(32\) of the SAE on 'down'"
+    with pytest.raises(ValueError, match=message):
         get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=40, expansion_factor=2, target_modules=["down"]))
 
 

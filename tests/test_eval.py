@@ -14,42 +14,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.cli import main as cli_main
-from megasae.eval import EvalConfig, evaluate
+from megasae.eval import evaluate
 from megasae.eval.batches import held_out_batches
 from megasae.files import write_atomic
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 
-from conftest import WORDS
 from data_fixtures import write_parquet
-
-TARGET = "model.layers.1"
-
-
-def save_adapter(host_dir, path, targets=(TARGET,), weights=None, k=4, num_latents=64):
-    """A random SAE whose b_dec is the mean of one batch (as training starts), or the given weights."""
-    host, _ = load_host_model(host_dir)
-    model = get_peft_sae_model(host, TopKSaeConfig(k=k, num_latents=num_latents, target_modules=list(targets)))
-    model.train()
-    with torch.no_grad(), model.capture():
-        model(input_ids=torch.randint(3, 90, (2, 16)))
-    for name, tensor in (weights or {}).items():
-        dict(model.named_parameters())[f"base_model.model.{TARGET}.sae_{name}.default"].data.copy_(tensor)
-    model.save_pretrained(path)
-    return path
-
-
-def eval_config(host_dir, adapter, data, **overrides):
-    fields = dict(adapter=adapter, model=str(host_dir), data=str(data), max_tokens=160, batch_size=4, ctx_len=16,
-                  seed=3, device="cpu", outlier_factor=None)
-    fields.update(overrides)
-    return EvalConfig(**fields)
+from helpers import TARGET, WORDS, eval_config, save_adapter
 
 
 def reference(host_dir, adapter_dir, cfg):
     """Every number of evaluate() recomputed with plain torch: a hooked HF model and a dense SAE."""
     host = AutoModelForCausalLM.from_pretrained(host_dir).eval()
-    w = {key.rsplit(".sae_", 1)[1]: t for key, t in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    w = {key.rsplit(".sae_", 1)[1]: t for key, t in tensors.items()}
     k = json.loads((adapter_dir / "adapter_config.json").read_text())["k"]
     xs, x_hats, zs, ce, kl, state = [], [], [], {"clean": [], "spliced": [], "ablated": []}, [], {}
 
@@ -127,7 +106,8 @@ def test_every_metric_matches_a_plain_torch_reference(host_dir, words_data, tmp_
             rel = 1e-3 if key == "loss_recovered" else 1e-5
             assert got[key] == pytest.approx(value, rel=rel, abs=1e-7), key
     assert sum(got["l0_histogram"]) == got["tokens"]
-    assert got["kl_clean_spliced"] > 0 and got["predictions"] < got["tokens"]  # the last column predicts nothing
+    # The last column predicts nothing.
+    assert got["kl_clean_spliced"] > 0 and got["predictions"] < got["tokens"]
 
 
 def test_a_perfect_sae_recovers_all_loss_and_a_zero_sae_none(host_dir, words_data, tmp_path):
@@ -139,10 +119,12 @@ def test_a_perfect_sae_recovers_all_loss_and_a_zero_sae_none(host_dir, words_dat
     got = evaluate(eval_config(host_dir, perfect, words_data))["targets"][TARGET]["groups"]["all"]
     assert got["fvu"] == pytest.approx(0, abs=1e-10) and got["cosine_similarity"] == pytest.approx(1)
     assert got["ce_spliced"] == pytest.approx(got["ce_clean"], abs=1e-6)
-    assert got["loss_recovered"] == pytest.approx(1, abs=1e-5) and got["kl_clean_spliced"] == pytest.approx(0, abs=1e-6)
+    assert got["loss_recovered"] == pytest.approx(1, abs=1e-5)
+    assert got["kl_clean_spliced"] == pytest.approx(0, abs=1e-6)
     assert abs(got["ce_ablated"] - got["ce_clean"]) > 1e-3  # the ratio is well defined
 
-    zero = save_adapter(host_dir, tmp_path / "zero", weights={"W_dec": torch.zeros(64, 32), "b_dec": torch.zeros(32)})
+    zero = save_adapter(host_dir, tmp_path / "zero",
+                        weights={"W_dec": torch.zeros(64, 32), "b_dec": torch.zeros(32)})
     got = evaluate(eval_config(host_dir, zero, words_data))["targets"][TARGET]["groups"]["all"]
     assert got["ce_spliced"] == pytest.approx(got["ce_ablated"], abs=1e-6)
     assert got["loss_recovered"] == pytest.approx(0, abs=1e-5)
@@ -183,7 +165,8 @@ def test_bad_input_gets_one_clear_sentence(host_dir, words_data, tmp_path):
     with pytest.raises(ValueError, match="empty.parquet holds no rows"):
         evaluate(eval_config(host_dir, adapter, empty))
     small = write_parquet(tmp_path / "small.parquet", [{"text": "only a few words"}])
-    with pytest.raises(ValueError, match="small.parquet holds less than one batch of 4 sequences of 16 tokens"):
+    with pytest.raises(ValueError,
+                       match="small.parquet holds less than one batch of 4 sequences of 16 tokens"):
         evaluate(eval_config(host_dir, adapter, small))
 
 
@@ -199,10 +182,10 @@ def test_one_pass_at_most(host_dir, tmp_path):
 
 def test_train_eval_every_logs_the_held_out_numbers_eval_computes(host_dir, words_data, tmp_path):
     out = tmp_path / "run"
-    cfg = TrainConfig(model=str(host_dir), data=str(words_data), target_modules=(TARGET,), k=4, expansion_factor=2,
-                      ctx_len=16, micro_batch_size=4, batch_tokens=64, max_tokens=64 * 6, warmup_steps=1,
-                      log_every=4, eval_every=3, eval_data=str(words_data), eval_tokens=128, wandb_mode="disabled",
-                      output_dir=out, device="cpu", lr=3e-3)
+    cfg = TrainConfig(model=str(host_dir), data=str(words_data), target_modules=(TARGET,), k=4,
+                      expansion_factor=2, ctx_len=16, micro_batch_size=4, batch_tokens=64, max_tokens=64 * 6,
+                      warmup_steps=1, log_every=4, eval_every=3, eval_data=str(words_data), eval_tokens=128,
+                      wandb_mode="disabled", output_dir=out, device="cpu", lr=3e-3)
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4, 6]
@@ -213,7 +196,8 @@ def test_train_eval_every_logs_the_held_out_numbers_eval_computes(host_dir, word
     assert records[-1]["eval/l0"] == pytest.approx(stats["l0"], rel=1e-6)
     assert records[-1]["eval/dead_pct"] == pytest.approx(100 * stats["dead_fraction"])
     with pytest.raises(ValueError, match="--eval-every needs --eval-data"):
-        Trainer(TrainConfig(model=str(host_dir), data=str(words_data), eval_every=2, output_dir=out, device="cpu"))
+        Trainer(TrainConfig(model=str(host_dir), data=str(words_data), eval_every=2, output_dir=out,
+                            device="cpu"))
 
 
 def test_writes_are_atomic_and_replace_is_checked(host_dir, tmp_path):
@@ -222,7 +206,8 @@ def test_writes_are_atomic_and_replace_is_checked(host_dir, tmp_path):
         write_atomic(target, 123)  # fails mid-write
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
     assert target.stat().st_mode & 0o777 == 0o644
-    model = get_peft_sae_model(load_host_model(host_dir)[0], TopKSaeConfig(k=2, num_latents=8, target_modules=[TARGET]))
-    with pytest.raises(ValueError, match=r"replace must map target module paths \['model.layers.1'\] to 'sae' or 'zero'"), \
-            model.capture(replace={"model.layers.2": "sae"}):
+    config = TopKSaeConfig(k=2, num_latents=8, target_modules=[TARGET])
+    model = get_peft_sae_model(load_host_model(host_dir)[0], config)
+    message = r"replace must map target module paths \['model.layers.1'\] to 'sae' or 'zero'"
+    with pytest.raises(ValueError, match=message), model.capture(replace={"model.layers.2": "sae"}):
         pass

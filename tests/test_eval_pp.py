@@ -14,7 +14,7 @@ import pytest
 from megasae.eval import EvalConfig, evaluate, run_eval
 
 from distributed import run_ranks
-from test_eval import eval_config, save_adapter
+from helpers import eval_config, save_adapter
 
 BOTH_STAGES = ("model.layers.0", "model.layers.2")
 

@@ -11,7 +11,7 @@ from megasae.eval import EvalConfig, run_eval
 from megasae.train import TrainConfig, Trainer
 
 from distributed import run_ranks
-from test_eval import save_adapter
+from helpers import save_adapter
 
 TARGET = "model.layers.1"
 
@@ -23,9 +23,10 @@ def _train_rank(rank, world_size, cfg):
 def test_eval_every_under_tensor_parallelism_logs_what_one_process_logs(host_dir, words_data, tmp_path):
     def config(out, **overrides):
         return TrainConfig(model=str(host_dir), data=str(words_data), target_modules=(TARGET,), k=4,
-                           expansion_factor=4, ctx_len=16, micro_batch_size=4, batch_tokens=64, max_tokens=64 * 2,
-                           warmup_steps=1, log_every=2, eval_every=1, eval_data=str(words_data), eval_tokens=128,
-                           wandb_mode="disabled", output_dir=out, device="cpu", lr=3e-3, **overrides)
+                           expansion_factor=4, ctx_len=16, micro_batch_size=4, batch_tokens=64,
+                           max_tokens=64 * 2, warmup_steps=1, log_every=2, eval_every=1,
+                           eval_data=str(words_data), eval_tokens=128, wandb_mode="disabled", output_dir=out,
+                           device="cpu", lr=3e-3, **overrides)
 
     Trainer(config(tmp_path / "tp1")).fit()
     run_ranks(_train_rank, 2, config(tmp_path / "tp2", tp=2))
@@ -57,8 +58,8 @@ def test_eval_under_tensor_parallelism_reports_what_one_process_reports(tmp_path
     adapter = save_adapter(host_dir, tmp_path / "adapter")
 
     def config_for(out, **overrides):
-        return EvalConfig(adapter=adapter, model=str(host_dir), data=str(words_data), max_tokens=160, batch_size=4,
-                          ctx_len=16, seed=3, device="cpu", output_dir=out, **overrides)
+        return EvalConfig(adapter=adapter, model=str(host_dir), data=str(words_data), max_tokens=160,
+                          batch_size=4, ctx_len=16, seed=3, device="cpu", output_dir=out, **overrides)
 
     run_eval(config_for(tmp_path / "tp1"))
     run_ranks(_eval_rank, 2, config_for(tmp_path / "tp2", tp=2))

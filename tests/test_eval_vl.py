@@ -27,7 +27,8 @@ def vl_adapter(qwen25vl_dir, tmp_path_factory):
     host, _ = load_host_model(qwen25vl_dir)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vl-adapter")
-    get_peft_sae_model(host, TopKSaeConfig(k=4, num_latents=64, target_modules=[TARGET])).save_pretrained(path)
+    config = TopKSaeConfig(k=4, num_latents=64, target_modules=[TARGET])
+    get_peft_sae_model(host, config).save_pretrained(path)
     return path
 
 
@@ -60,8 +61,10 @@ def test_eval_splits_every_figure_by_text_and_image_tokens(qwen25vl_dir, vl_adap
     assert text["tokens"] + image["tokens"] == all_["tokens"]
     assert text["predictions"] + image["predictions"] == all_["predictions"]
     for key, count in (("mse", "tokens"), ("cosine_similarity", "tokens"), ("l0", "tokens"),
-                       ("ce_clean", "predictions"), ("ce_spliced", "predictions"), ("kl_clean_spliced", "predictions")):
-        assert text[key] * text[count] + image[key] * image[count] == pytest.approx(all_[key] * all_[count]), key
+                       ("ce_clean", "predictions"), ("ce_spliced", "predictions"),
+                       ("kl_clean_spliced", "predictions")):
+        summed = text[key] * text[count] + image[key] * image[count]
+        assert summed == pytest.approx(all_[key] * all_[count]), key
     fired = [np.asarray(g["firing_frequency"]) * g["tokens"] for g in (all_, text, image)]
     np.testing.assert_allclose(fired[1] + fired[2], fired[0], atol=1e-9)
     assert text["fvu"] != image["fvu"] and image["loss_recovered"] is not None

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from megasae import PeftSaeModel, TopKSaeConfig, formats, get_peft_sae_model, sae, sae_layers
 from megasae.formats import hub
 
-from conftest import DummyModel, TwoLayerMLP, tiny_llama
+from helpers import DummyModel, TwoLayerMLP, tiny_llama
 
 TARGETS = ["model.layers.1", "model.layers.2"]
 POLICY = {"mask_position_0": True, "exclude_special_tokens": True, "outlier_factor": 10.0, "tokens": "all"}

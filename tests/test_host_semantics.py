@@ -3,12 +3,11 @@
 import pytest
 import torch
 from peft import inject_adapter_in_model
-from torch import nn
 
 import megasae
 from megasae import TopKSaeConfig, get_peft_sae_model
 
-from conftest import DummyModel, TwoLayerMLP, tiny_llama
+from helpers import DummyModel, TwoLayerMLP, tiny_llama
 
 
 def layer_outputs(model, names):
@@ -25,7 +24,8 @@ def test_capture_leaves_host_output_unchanged_and_records_losses():
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         expected = host(ids).logits
-    model = get_peft_sae_model(host, TopKSaeConfig(k=4, expansion_factor=2, target_modules=["model.layers.1"]))
+    config = TopKSaeConfig(k=4, expansion_factor=2, target_modules=["model.layers.1"])
+    model = get_peft_sae_model(host, config)
     model.train()
     with model.capture() as outputs:
         logits = model(input_ids=ids).logits
@@ -50,8 +50,8 @@ def test_eval_splices_the_reconstruction_and_overrides_switch_modes():
         model.train()
         torch.testing.assert_close(model(x), host_out)  # capture (and b_dec from this first batch)
 
-        values, indices = megasae.sae.encode(up.base_layer(x), up.sae_W_enc["default"], up.sae_b_enc["default"],
-                                             up.sae_b_dec["default"], 3)
+        values, indices = megasae.sae.encode(up.base_layer(x), up.sae_W_enc["default"],
+                                             up.sae_b_enc["default"], up.sae_b_dec["default"], 3)
         x_hat = megasae.sae.decode(values, indices, up.sae_W_dec["default"], up.sae_b_dec["default"])
         spliced_out = host.down(host.act(x_hat))
         assert not torch.allclose(spliced_out, host_out)
@@ -119,7 +119,8 @@ def test_token_mask_selects_the_rows_the_sae_reads():
     seen, _ = layer_outputs(host, ["model.layers.1"])
     with torch.no_grad():
         host(ids)
-    model = get_peft_sae_model(host, TopKSaeConfig(k=4, expansion_factor=2, target_modules=["model.layers.1"]))
+    config = TopKSaeConfig(k=4, expansion_factor=2, target_modules=["model.layers.1"])
+    model = get_peft_sae_model(host, config)
     model.train()
     with model.stop_after_targets(token_mask=mask) as outputs:
         model(input_ids=ids)
@@ -159,7 +160,8 @@ def test_first_batch_sets_b_dec_to_its_masked_mean_and_fits_the_encoder_scale():
 
 def test_targets_by_name_suffix_and_regex():
     def targeted(target_modules):
-        model = get_peft_sae_model(tiny_llama(), TopKSaeConfig(k=2, num_latents=8, target_modules=target_modules))
+        config = TopKSaeConfig(k=2, num_latents=8, target_modules=target_modules)
+        model = get_peft_sae_model(tiny_llama(), config)
         return sorted(layer.module_path for layer in megasae.sae_layers(model))
 
     assert targeted(["model.layers.1"]) == ["model.layers.1"]
@@ -170,8 +172,8 @@ def test_targets_by_name_suffix_and_regex():
 
 def test_num_latents_follows_the_width_the_sae_reads():
     def latents(transcode):
-        model = get_peft_sae_model(TwoLayerMLP(width=16), TopKSaeConfig(k=2, expansion_factor=3, transcode=transcode,
-                                                                        target_modules=["up"]))
+        config = TopKSaeConfig(k=2, expansion_factor=3, transcode=transcode, target_modules=["up"])
+        model = get_peft_sae_model(TwoLayerMLP(width=16), config)
         up = model.get_base_model().up
         return up.sae_W_enc["default"].shape, up.sae_W_dec["default"].shape
 
@@ -211,9 +213,10 @@ def test_sae_weights_are_fp32_on_a_bf16_host_with_a_bf16_option():
 
 
 def test_bf16_compute_over_fp32_weights_follows_the_fp32_step():
-    """Mixed precision: the SAE step runs on bf16 casts of its float32 weights, whose gradients land in float32.
-    Against the float32 step on the same weights: a near-tie may pick another latent now and then (bf16 keeps 8
-    bits of mantissa), so the selections agree on most slots and FVU and gradients to bf16's precision."""
+    """Mixed precision: the SAE step runs on bf16 casts of its float32 weights, whose gradients land in
+    float32. Against the float32 step on the same weights: a near-tie may pick another latent now and then
+    (bf16 keeps 8 bits of mantissa), so the selections agree on most slots and FVU and gradients to bf16's
+    precision."""
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
 
     def step(compute_dtype):

@@ -16,14 +16,7 @@ from megasae.eval.batches import held_out_batches
 from megasae.eval.splice import EvalHost
 from megasae.parallel import ParallelState
 
-from test_eval import TARGET, save_adapter
-
-SETTINGS = dict(max_tokens=256, batch_size=4, ctx_len=16, seed=3, device="cpu", outlier_factor=None)
-
-
-@pytest.fixture(scope="module")
-def adapter(host_dir, tmp_path_factory):
-    return save_adapter(host_dir, tmp_path_factory.mktemp("inspect") / "adapter")
+from helpers import SETTINGS, TARGET, save_adapter
 
 
 def strongest_per_sequence(host_dir, adapter, data, latent):
@@ -75,16 +68,18 @@ def test_top_picks_the_most_frequent_latents(host_dir, adapter, words_data, tmp_
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"latents": "1,64,99"}, r"Latent ids \[64, 99\] do not exist: the SAE on 'model.layers.1' has 64 latents, ids 0"),
+    ({"latents": "1,64,99"},
+     r"Latent ids \[64, 99\] do not exist: the SAE on 'model.layers.1' has 64 latents, ids 0"),
     ({"latents": "1,x"}, "--latents must be comma-separated latent ids such as 0,17,42, got '1,x'"),
     ({"latents": "1", "top": 3}, "Pass exactly one of --latents"),
     ({}, "Pass exactly one of --latents"),
-    ({"latents": "1", "target": "model.layers.2"}, r"has no SAE on 'model.layers.2'; its targets are \['model.layers.1'\]"),
+    ({"latents": "1", "target": "model.layers.2"},
+     r"has no SAE on 'model.layers.2'; its targets are \['model.layers.1'\]"),
 ])
 def test_bad_input_gets_one_clear_sentence(host_dir, adapter, words_data, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
-        run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), output_dir=tmp_path,
-                                  **SETTINGS, **flags))
+        run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data),
+                                  output_dir=tmp_path, **SETTINGS, **flags))
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -94,16 +89,16 @@ def chromium() -> str | None:
 
 @pytest.mark.skipif(chromium() is None, reason="no chromium binary (Debian: apt-get install chromium)")
 def test_page_renders_in_headless_chromium(host_dir, adapter, words_data, tmp_path):
-    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), latents="3,0",
-                                     output_dir=tmp_path, **SETTINGS))
+    page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data),
+                                     latents="3,0", output_dir=tmp_path, **SETTINGS))
     flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert sections(dom) == ["3", "0"] and dom.count("<li>") >= 2
     shot = tmp_path / "shot.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1000,700", page.as_uri()], capture_output=True,
-                   timeout=120, check=True)
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1000,700", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
     assert len(np.unique(pixels, axis=0)) > 50  # text and shading, not a blank page
@@ -113,7 +108,8 @@ def test_page_renders_in_headless_chromium(host_dir, adapter, words_data, tmp_pa
 
 def test_an_adapter_with_several_targets_needs_target(host_dir, words_data, tmp_path):
     adapter = save_adapter(host_dir, tmp_path / "two", targets=("model.layers.0", TARGET))
-    with pytest.raises(ValueError, match=r"has SAEs on \['model.layers.0', 'model.layers.1'\]; choose one with --target"):
+    message = r"has SAEs on \['model.layers.0', 'model.layers.1'\]; choose one with --target"
+    with pytest.raises(ValueError, match=message):
         run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), latents="1",
                                   output_dir=tmp_path, **SETTINGS))
     page = run_inspect(InspectConfig(adapter=adapter, model=str(host_dir), data=str(words_data), latents="1",

@@ -13,7 +13,7 @@ import pytest
 from megasae.eval import InspectConfig, run_inspect
 
 from distributed import run_ranks
-from test_inspect import SETTINGS, adapter  # noqa: F401 (the fixture)
+from helpers import SETTINGS
 
 NUMBER = re.compile(r"\d+\.\d+")
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megasae import ops
 
@@ -75,7 +74,8 @@ def _clear_refs_works() -> bool:
 
 
 @pytest.mark.skipif(ops.backend() == "reference", reason="megasae._C is not built")
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(), reason="needs Linux VmHWM reset")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
+                    reason="needs Linux VmHWM reset")
 def test_step_peak_memory_far_below_dense():
     code = SCRIPT.format(N=N, M=M, D=D, K=K, package_dir=os.path.dirname(ops.__path__[0]))
     result = subprocess.run(

@@ -25,7 +25,10 @@ def decode_inputs(N, k, dtype=torch.float32, bias=True, device="cpu", m=M, d=D, 
     values = torch.randn(N, k, generator=g)
     W_dec = torch.randn(m, d, generator=g)
     b_dec = torch.randn(d, generator=g) if bias else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
     return indices.to(device), cast(values), cast(W_dec), cast(b_dec)
 
 
@@ -47,7 +50,10 @@ def assert_matches_reference(indices, values, W_dec, b_dec, **tol):
         W_dec
     )
     got = decode_with_grads(kernel_decode, indices, values, W_dec, b_dec, grad_out)
-    f32 = lambda t: None if t is None else t.float().cpu()
+
+    def f32(t):
+        return None if t is None else t.float().cpu()
+
     want = decode_with_grads(
         reference.sparse_decode, indices.cpu(), f32(values), f32(W_dec), f32(b_dec), f32(grad_out)
     )
@@ -185,11 +191,11 @@ def test_sparse_decode_kernel_errors():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda I, v, W, b: (I, v[:, :1], W, b), "values has shape"),
-        (lambda I, v, W, b: (I.int(), v, W, b), "indices is torch.int32"),
-        (lambda I, v, W, b: (I, v, W, b[:-1]), r"b_dec has shape \(32,\) but must be \[33\]"),
+        (lambda i, v, W, b: (i, v[:, :1], W, b), "values has shape"),
+        (lambda i, v, W, b: (i.int(), v, W, b), "indices is torch.int32"),
+        (lambda i, v, W, b: (i, v, W, b[:-1]), r"b_dec has shape \(32,\) but must be \[33\]"),
         (
-            lambda I, v, W, b: (I, v.bfloat16(), W, b),
+            lambda i, v, W, b: (i, v.bfloat16(), W, b),
             "values is torch.bfloat16 on cpu but W_dec is torch.float32",
         ),
     ],

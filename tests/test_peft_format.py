@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import megasae
 from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
 
-from conftest import TwoLayerMLP, tiny_llama
+from helpers import TwoLayerMLP, tiny_llama
 
 
 def trained_mlp_adapter(seed=0, **config):

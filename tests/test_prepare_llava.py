@@ -8,9 +8,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import png_bytes, tiny_qwen25vl_processor, write_parquet
 
 from megasae.data import build_batches, prepare_llava
+
+from data_fixtures import png_bytes, tiny_qwen25vl_processor, write_parquet
 
 LAUNCHER = Path(__file__).parent.parent / "launch" / "prepare_llava.py"
 

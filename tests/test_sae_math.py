@@ -50,7 +50,8 @@ def test_fvu_is_residual_over_total_variance():
     torch.testing.assert_close(got, expected.float())
     # Predicting the mean explains nothing; an empty batch is 0, not NaN.
     mean_pred = target.mean(0).expand_as(target)
-    assert sae.fraction_of_variance_unexplained(target, mean_pred, sae.total_variance(target)).item() == pytest.approx(1)
+    fvu = sae.fraction_of_variance_unexplained(target, mean_pred, sae.total_variance(target))
+    assert fvu.item() == pytest.approx(1)
     empty = torch.zeros(0, 8)
     assert sae.fraction_of_variance_unexplained(empty, empty, sae.total_variance(empty)).item() == 0
 
@@ -92,8 +93,8 @@ def test_auxk_value_and_gradients_match_the_plain_formula(num_dead):
 def test_auxk_is_zero_without_dead_latents():
     w = random_weights()
     x = torch.randn(10, 12, dtype=torch.float64)
-    loss = sae.auxk_loss(x, x, w["W_enc"], w["b_enc"], w["b_dec"], w["W_dec"], torch.zeros(40, dtype=torch.bool),
-                         8, torch.tensor(1.0))
+    loss = sae.auxk_loss(x, x, w["W_enc"], w["b_enc"], w["b_dec"], w["W_dec"],
+                         torch.zeros(40, dtype=torch.bool), 8, torch.tensor(1.0))
     assert loss.item() == 0
 
 

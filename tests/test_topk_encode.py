@@ -24,7 +24,10 @@ def inputs(N=37, d=D, m=M, dtype=torch.float32, device="cpu", bias=True, seed=0)
     W_enc = torch.randn(m, d, generator=g, dtype=torch.float64)
     b_enc = torch.randn(m, generator=g, dtype=torch.float64)
     b_dec = torch.randn(d, generator=g, dtype=torch.float64) if bias else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
     return cast(x), cast(W_enc), cast(b_enc), cast(b_dec)
 
 
@@ -33,7 +36,8 @@ def kernel(x, W_enc, b_enc, b_dec, k, dead_mask=None, chunk_size=0):
 
 
 def dense_pre(x, W_enc, b_enc, b_dec):
-    """Pre-activations in float64 from the inputs as given (x - b_dec rounded in their dtype, as the ops do)."""
+    """Pre-activations in float64 from the inputs as given (x - b_dec rounded in their dtype, as the ops
+    do)."""
     x_in = x if b_dec is None else x - b_dec
     return (x_in.double() @ W_enc.double().T + b_enc.double()).cpu()
 
@@ -65,7 +69,8 @@ def check_selection(x, W_enc, b_enc, b_dec, k, values, indices, dead_mask=None, 
     torch.testing.assert_close(values[:, :taken], chosen.relu(), atol=atol * scale, rtol=rtol)
     assert (values[:, :-1] >= values[:, 1:]).all(), "rows are not sorted"
     left_out = pre.masked_fill(~live, float("-inf")).scatter(1, indices[:, :taken], float("-inf"))
-    assert (left_out.max(1).values <= chosen.min(1).values + atol * scale).all(), "a better latent was left out"
+    bound = chosen.min(1).values + atol * scale
+    assert (left_out.max(1).values <= bound).all(), "a better latent was left out"
 
 
 # --- forward ---------------------------------------------------------------------------------
@@ -80,7 +85,9 @@ def test_forward_float64_equals_reference(N, k, chunk, bias, device):
     """No ties in float64: the same latents as the reference, in the same (sorted) order."""
     x, W_enc, b_enc, b_dec = inputs(N, dtype=torch.float64, device=device, bias=bias)
     values, indices = kernel(x, W_enc, b_enc, b_dec, k, None, chunk)
-    want_v, want_i = reference.topk_encode(x.cpu(), W_enc.cpu(), b_enc.cpu(), None if b_dec is None else b_dec.cpu(), k)
+    want_v, want_i = reference.topk_encode(
+        x.cpu(), W_enc.cpu(), b_enc.cpu(), None if b_dec is None else b_dec.cpu(), k
+    )
     if k == M:  # relu zeros tie at the bottom: compare as sets there
         assert (indices.cpu().sort(1).values == torch.arange(M)).all()
         torch.testing.assert_close(values.cpu(), want_v)
@@ -235,7 +242,10 @@ def test_bf16_gradients(bias, device):
     up = torch.randn(values.shape, generator=torch.Generator().manual_seed(3)).to(values)
     (values * up).sum().backward()
 
-    f32 = lambda t: t.float().cpu()
+
+    def f32(t):
+        return t.float().cpu()
+
     x_in = f32(x) if b_dec is None else f32(x - b_dec)  # x - b_dec rounds in bf16, as in the ops
     G = torch.zeros(x.shape[0], 200).scatter(1, indices.cpu(), f32(up) * (f32(values) > 0))
     want = [G @ f32(W_enc), G.T @ x_in, G.sum(0)] + ([-(G @ f32(W_enc)).sum(0)] if bias else [])
@@ -302,7 +312,8 @@ def test_front_uses_kernel():
 def test_no_double_backward():
     x, W_enc, b_enc, b_dec = inputs(4)
     W_enc.requires_grad_()
-    (grad,) = torch.autograd.grad(kernel(x, W_enc, b_enc, b_dec, 3)[0].square().sum(), W_enc, create_graph=True)
+    loss = kernel(x, W_enc, b_enc, b_dec, 3)[0].square().sum()
+    (grad,) = torch.autograd.grad(loss, W_enc, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         grad.sum().backward()
 
@@ -327,8 +338,14 @@ def test_kernel_errors():
         (lambda a: {**a, "k": True}, "k = True must be an int"),
         (lambda a: {**a, "k": -1}, r"k = -1 must be an int in \[0, 67\]"),
         (lambda a: {**a, "x": a["x"].long(), "W_enc": a["W_enc"].long()}, "x is torch.int64"),
-        (lambda a: {**a, "dead_mask": torch.ones(M, dtype=torch.bool, device="meta")}, "dead_mask is on meta"),
-        (lambda a: {**a, "b_enc": a["b_enc"].double()}, "b_enc is torch.float64 on cpu but x is torch.float32"),
+        (
+            lambda a: {**a, "dead_mask": torch.ones(M, dtype=torch.bool, device="meta")},
+            "dead_mask is on meta",
+        ),
+        (
+            lambda a: {**a, "b_enc": a["b_enc"].double()},
+            "b_enc is torch.float64 on cpu but x is torch.float32",
+        ),
         (lambda a: {**a, "chunk_size": -2}, "chunk_size = -2 must be an int >= 0"),
     ],
 )

@@ -1,52 +1,25 @@
-"""`megasae train` end to end on tiny random hosts: outputs, exact resume (1 and 2 ranks), interrupts, errors."""
+"""`megasae train` end to end on tiny random hosts: outputs, exact resume (1 and 2 ranks), interrupts,
+errors."""
 
 import json
-from pathlib import Path
-import os
-import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megasae import PeftSaeModel
 from megasae.cli import main as cli_main
-from megasae.errors import Interrupted
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 from megasae.train.checkpoint import latest_checkpoint
 
 from data_fixtures import write_parquet
 from distributed import run_ranks
-
-WORDS = "the cat sat on a mat while dogs ran in parks and birds sang over green hills".split()
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.parquet"
-    g = torch.Generator().manual_seed(0)
-    rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist())}
-            for _ in range(200)]
-    write_parquet(path, rows)
-    return path
-
-
-def config(host_dir, text_data, output_dir, **overrides) -> TrainConfig:
-    fields = dict(model=str(host_dir), data=str(text_data), target_modules=("model.layers.1",), k=4,
-                  expansion_factor=4, ctx_len=16, micro_batch_size=4, batch_tokens=128, max_tokens=128 * 12,
-                  warmup_steps=2, log_every=2, wandb_mode="disabled", output_dir=output_dir, device="cpu",
-                  dead_tokens_threshold=256, lr=3e-3)
-    fields.update(overrides)
-    return TrainConfig(**fields)
-
-
-def adapter_tensors(output_dir):
-    return load_file(output_dir / "adapter_model.safetensors")
+from helpers import adapter_tensors, config, fit_until_sigterm
 
 
 def test_train_writes_a_loadable_adapter_metrics_and_config(host_dir, text_data, tmp_path):
@@ -75,26 +48,11 @@ def test_bf16_compute_trains_float32_weights(host_dir, text_data, tmp_path):
     weights = adapter_tensors(mixed)
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert json.loads((mixed / "adapter_config.json").read_text())["compute_dtype"] == "bfloat16"
-    final = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["fvu"]
+
+    def final(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["fvu"]
+
     assert final(mixed) == pytest.approx(final(fp32), rel=0.05)
-
-
-def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Interrupted:
-    """Run, sending this process SIGTERM right after step `stop_step`, as a scheduler would; the run
-    checkpoints and reports the interrupt."""
-    trainer = Trainer(cfg)
-    real_step = trainer.train_step
-
-    def step_then_sigterm():
-        metrics = real_step()
-        if trainer.step == stop_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    trainer.train_step = step_then_sigterm
-    with pytest.raises(Interrupted) as stopped:
-        trainer.fit()
-    return stopped.value
 
 
 def test_sigterm_checkpoints_between_steps_and_resume_continues_exactly(host_dir, text_data, tmp_path):
@@ -146,7 +104,8 @@ def test_zero1_shards_adam_without_changing_the_result(host_dir, text_data, tmp_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7)
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint_latest(host_dir, text_data, tmp_path, monkeypatch):
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_latest(host_dir, text_data, tmp_path,
+                                                                    monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(config(host_dir, text_data, out, save_every=128 * 4))
 

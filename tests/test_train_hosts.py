@@ -14,9 +14,9 @@ from data_fixtures import tiny_text_tokenizer, write_parquet
 
 
 def run(tmp_path, model_dir, data, **overrides):
-    fields = dict(model=str(model_dir), data=str(data), k=4, expansion_factor=4, ctx_len=64, micro_batch_size=2,
-                  batch_tokens=128, max_tokens=128 * 4, warmup_steps=1, log_every=1, wandb_mode="disabled",
-                  output_dir=tmp_path / "run", device="cpu", lr=3e-3)
+    fields = dict(model=str(model_dir), data=str(data), k=4, expansion_factor=4, ctx_len=64,
+                  micro_batch_size=2, batch_tokens=128, max_tokens=128 * 4, warmup_steps=1, log_every=1,
+                  wandb_mode="disabled", output_dir=tmp_path / "run", device="cpu", lr=3e-3)
     fields.update(overrides)
     out = Trainer(TrainConfig(**fields)).fit()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from megasae.errors import Interrupted, SettingError
-from megasae.train import Trainer
+from megasae.train import Trainer, run_dir
 from megasae.train import checkpoint as checkpoint_module
-from megasae.train import run_dir
 from megasae.train.checkpoint import latest_checkpoint
 
-from test_train import adapter_tensors, config, fit_until_sigterm, text_data  # noqa: F401 (a fixture)
+from helpers import adapter_tensors, config, fit_until_sigterm
 
 
 class RunsCode:
@@ -96,7 +95,8 @@ def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(host_dir,
     assert not list((out / "checkpoints").glob(".step-*.tmp"))  # the crash's leftover was cleaned up
 
 
-def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, text_data, tmp_path, monkeypatch):
+def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, text_data, tmp_path,
+                                                                      monkeypatch):
     out = tmp_path / "run"
     Trainer(config(host_dir, text_data, out)).fit()
     expected = adapter_tensors(out)
@@ -120,7 +120,8 @@ def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, t
     assert (out / "adapter_config.json").is_file()
 
 
-def test_resume_rolls_back_the_metrics_logged_after_its_checkpoint(host_dir, text_data, tmp_path, monkeypatch):
+def test_resume_rolls_back_the_metrics_logged_after_its_checkpoint(host_dir, text_data, tmp_path,
+                                                                    monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(config(host_dir, text_data, out, log_every=1, save_every=128 * 4))
     real_step = trainer.train_step
@@ -206,8 +207,8 @@ def test_wandb_offline_looks_nothing_up_on_the_network(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    done = subprocess.run([sys.executable, "-c", NETWORK_PROBE, str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", NETWORK_PROBE, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert list(tmp_path.glob("wandb/offline-run-*"))

@@ -13,7 +13,7 @@ from peft import inject_adapter_in_model
 import megasae
 from megasae import TopKSaeConfig, get_peft_sae_model
 
-from conftest import DummyModel, TwoLayerMLP, tiny_llama
+from helpers import DummyModel, TwoLayerMLP, tiny_llama
 
 
 def by_formula(layer, x, adapter="default"):

@@ -73,7 +73,13 @@ def make_params(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
     x = torch.randn(shape.N, shape.d, generator=g)
     W_dec = torch.randn(shape.M, shape.d, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    tensors = {"x": x, "W_enc": W_dec.clone(), "b_enc": torch.zeros(shape.M), "b_dec": x.mean(0), "W_dec": W_dec}
+    tensors = {
+        "x": x,
+        "W_enc": W_dec.clone(),
+        "b_enc": torch.zeros(shape.M),
+        "b_dec": x.mean(0),
+        "W_dec": W_dec,
+    }
     return {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
 
 
@@ -141,7 +147,9 @@ class Megasae(Step):
     def __call__(self) -> None:
         self.zero_grad()
         W_enc, b_enc, b_dec, W_dec = self.params
-        values, indices = self.ops.topk_encode(self.x, W_enc, b_enc, b_dec, self.k, chunk_size=self.chunk_size)
+        values, indices = self.ops.topk_encode(
+            self.x, W_enc, b_enc, b_dec, self.k, chunk_size=self.chunk_size
+        )
         x_hat = self.ops.sparse_decode(indices, values, W_dec, b_dec)
         fvu(self.x, x_hat).backward()
 
@@ -359,11 +367,18 @@ def main(argv: list[str] | None = None) -> None:
         help=f"default: {' '.join(DEFAULT_SHAPES)}",
     )  # fmt: skip
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    parser.add_argument("--chunk-size", type=int, default=0, help="megasae latents per tile (0: the kernel picks)")
     parser.add_argument(
-        "--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass (one more step per path)"
+        "--chunk-size", type=int, default=0, help="megasae latents per tile (0: the kernel picks)"
     )
-    parser.add_argument("--profile", action="store_true", help="print megasae's step op by op (torch.profiler)")
+    parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak-memory pass (one more step per path)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print megasae's step op by op (torch.profiler)"
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="write every timing to this JSON file")
     args = parser.parse_args(argv)
     if args.device is None:

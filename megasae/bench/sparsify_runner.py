@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(spec["threads"])
     import sparsify
     import sparsify.trainer as sparsify_trainer
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
     from transformers import AutoModel
 
     data = torch.load(spec["tokens"])
@@ -125,7 +125,8 @@ def main(argv: list[str]) -> None:
     weights = {"W_enc": sae.encoder.weight, "b_enc": sae.encoder.bias, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     torch.save({name: w.detach().cpu().contiguous() for name, w in weights.items()}, spec["weights_out"])
     total = input_ids.shape[0] * input_ids.shape[1]
-    say("END", {"step_times": step_times, "step_cpu": step_cpu, "trained_tokens": trained_tokens["count"] or total})
+    trained = trained_tokens["count"] or total
+    say("END", {"step_times": step_times, "step_cpu": step_cpu, "trained_tokens": trained})
 
 
 def _substitute_megasae_mask(sparsify_trainer, model, spec, token_mask, batch_size, trained_tokens) -> None:

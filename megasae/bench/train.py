@@ -60,7 +60,9 @@ def default_sparsify_python() -> str | None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="megasae bench train",
-        description="End-to-end SAE training tokens/s and held-out FVU of megasae, side by side with sparsify.",
+        description=(
+            "End-to-end SAE training tokens/s and held-out FVU of megasae, side by side with sparsify."
+        ),
     )
     p.add_argument("--steps", type=int, default=64, help="optimizer steps each trainer runs (default 64)")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches for FVU (default 4)")
@@ -75,7 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated: shipped (all positions), masked (megasae's mask); default both")
     p.add_argument("--skip-sparsify", action="store_true", help="benchmark megasae alone")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--model", default=None, help="host model directory or .gguf (default SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="host model directory or .gguf (default SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="builtin", help="'builtin' or Parquet file/directory (default builtin)")
     p.add_argument("--target", default="model.layers.15", help="target module (default model.layers.15)")
     p.add_argument("--k", type=int, default=32)
@@ -157,7 +160,8 @@ def heldout_fvu(weights: dict[str, Tensor], rows: Tensor, k: int, chunk: int = 4
         values, indices = pre.topk(k, dim=-1)
         values = values.relu()
         fired[indices[values > 0]] = True
-        x_hat = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
+        decoded = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        x_hat = decoded + b_dec
         residual += (x.double() - x_hat.double()).pow(2).sum()
     return {"fvu": float(residual / total), "latents_fired_pct": 100 * float(fired.float().mean()),
             "tokens": int(x_all.shape[0])}
@@ -256,8 +260,8 @@ def start_sparsify(python: str, variant: str, work: Path, model_dir: str, hookpo
                SPARSIFY_DISABLE_TRITON="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     log_path = run_dir / "log.txt"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([python, str(RUNNER), str(spec_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, text=True, env=env, cwd=run_dir)
+        proc = subprocess.Popen([python, str(RUNNER), str(spec_path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=run_dir)
     return SparsifyRun(variant, proc, log_path, run_dir / "sae.pt")
 
 
@@ -309,14 +313,16 @@ def run(args: argparse.Namespace) -> dict:
             ceiling_host = copy.deepcopy(host)
             compile_blocks(ceiling_host)
             with torch.no_grad():
-                truncated_forward(ceiling_host, args.target, heldout[0].inputs)  # compiles outside the timings
+                # Compiles outside the timings.
+                truncated_forward(ceiling_host, args.target, heldout[0].inputs)
 
         all_runs: list[SparsifyRun] = []
         sparsify_error = None
         if args.sparsify_variants:
             if args.sparsify_python is None or not Path(args.sparsify_python).is_file():
-                sparsify_error = (f"no Python with eai-sparsify ({args.sparsify_python or '.venv-sparsify/bin/python'} "
-                                  "not found); pass --sparsify-python or --skip-sparsify")
+                wanted = args.sparsify_python or ".venv-sparsify/bin/python"
+                sparsify_error = (f"no Python with eai-sparsify ({wanted} not found); "
+                                  "pass --sparsify-python or --skip-sparsify")
             else:
                 tokens_path = work / "tokens.pt"
                 torch.save({"input_ids": torch.cat([b.inputs["input_ids"] for b in train_batches]),
@@ -394,7 +400,8 @@ def run(args: argparse.Namespace) -> dict:
                 r.stop()
 
         layer = sae_layers(trainer.model)[0]
-        ours = {name: getattr(layer, f"sae_{name}")["default"].detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        ours = {name: getattr(layer, f"sae_{name}")["default"].detach()
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
         rows = []
         if host_clock.wall:  # the first host forward of the rounds is warm (the held-out batches ran first)
@@ -428,8 +435,8 @@ def run(args: argparse.Namespace) -> dict:
             sparsify_rows.append(row)
             rows.append(row)
         # The speed target is against sparsify as it ships; the FVU target against its best.
-        baseline = next((row for row in sparsify_rows if row.get("tokens_per_s") and row["variant"] == "shipped"),
-                        next((row for row in sparsify_rows if row.get("tokens_per_s")), None))
+        timed = [row for row in sparsify_rows if row.get("tokens_per_s")]
+        baseline = next((row for row in timed if row["variant"] == "shipped"), next(iter(timed), None))
         for row in rows:
             if baseline is not None and row.get("tokens_per_s"):
                 row["vs_sparsify"] = row["tokens_per_s"] / baseline["tokens_per_s"]
@@ -450,14 +457,18 @@ def run(args: argparse.Namespace) -> dict:
             "sparsify_error": sparsify_error,
             "settings": {
                 "model": args.model or "SmolLM2-135M-Instruct (built-in)", "model_dir": model_dir,
-                "target": args.target, "sparsify_hookpoint": hookpoint, "k": args.k, "num_latents": num_latents,
+                "target": args.target, "sparsify_hookpoint": hookpoint, "k": args.k,
+                "num_latents": num_latents,
                 "batch": f"{args.batch_size} x {args.ctx_len}", "tokens_per_step": tokens_per_step,
                 "steps": args.steps, "train_tokens": args.steps * tokens_per_step, "data": args.data,
                 "lr": lr, "warmup_steps": args.warmup_steps, "schedule": "linear decay to 0",
-                "optimizer": "Adam", "auxk_alpha": cfg.auxk_alpha, "dead_tokens_threshold": cfg.dead_tokens_threshold,
-                "megasae_grad_clip": cfg.grad_clip, "megasae_compile": args.compile, "threads": args.threads, "round_steps": args.round_steps,
+                "optimizer": "Adam", "auxk_alpha": cfg.auxk_alpha,
+                "dead_tokens_threshold": cfg.dead_tokens_threshold,
+                "megasae_grad_clip": cfg.grad_clip, "megasae_compile": args.compile, "threads": args.threads,
+                "round_steps": args.round_steps,
                 "eval_batches": args.eval_batches,
-                "eval_tokens_masked": int(eval_rows_masked.shape[0]), "eval_tokens_all": int(eval_rows_all.shape[0]),
+                "eval_tokens_masked": int(eval_rows_masked.shape[0]),
+                "eval_tokens_all": int(eval_rows_all.shape[0]),
             },
             "rows": rows,
             "targets": targets(rows),
@@ -488,7 +499,8 @@ def machine_description(threads: int) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {threads}, {platform.system()} {platform.release()}"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {threads}, "
+            f"{platform.system()} {platform.release()}")
 
 
 def format_table(result: dict) -> str:
@@ -519,8 +531,8 @@ def format_table(result: dict) -> str:
         if "trained_on" in row:
             trained = ("all positions" if row["trained_on"] == "all positions" else "megasae's mask")
             trained += f" ({row['trained_tokens']:,} tokens)"
-        lines.append(f"{row['name']:{width}} {row['tokens_per_s']:8.0f} {row['step_s']:6.2f} {cpu:>6} {ratio:>11} "
-                     f"{ratio_cpu:>6} {fm:>10} {fa:>7}  {trained}")
+        lines.append(f"{row['name']:{width}} {row['tokens_per_s']:8.0f} {row['step_s']:6.2f} {cpu:>6} "
+                     f"{ratio:>11} {ratio_cpu:>6} {fm:>10} {fa:>7}  {trained}")
         if "sae_s" in row:
             lines.append(f"{'  of which SAE (step - host forward)':{width}} "
                          f"{'':8} {row['sae_s']:6.2f} {'':6} ({100 * row['sae_share']:.0f}% of the step)")

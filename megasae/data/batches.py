@@ -210,7 +210,10 @@ def build_batches(
     identity = {"kind": kind, "rank": rank, "world_size": world_size, "seed": seed}
     if kind == "chat":
         encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
-        return ChatStream(source, name, masker, batch_size, identity, encoder, _pad_id(tokenizer_of(processor)))
+        pad_id = _pad_id(tokenizer_of(processor))
+        return ChatStream(source, name, masker, batch_size, identity, encoder, pad_id)
     column = {"builtin": None, "text": text_column, "tokens": TOKENS_COLUMN}[kind]
-    return PackedTextStream(source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
-                            pretokenized=kind == "tokens")
+    return PackedTextStream(
+        source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
+        pretokenized=kind == "tokens",
+    )

@@ -7,9 +7,19 @@ from collections.abc import Iterator
 from megasae.data import Batch, build_batches
 
 
-def held_out_batches(data: str, processor, *, max_tokens: int, ctx_len: int, batch_size: int, seed: int,
-                     text_column: str = "text", messages_column: str = "messages", images_column: str = "images",
-                     tokens: str = "all") -> Iterator[Batch]:
+def held_out_batches(
+    data: str,
+    processor,
+    *,
+    max_tokens: int,
+    ctx_len: int,
+    batch_size: int,
+    seed: int,
+    text_column: str = "text",
+    messages_column: str = "messages",
+    images_column: str = "images",
+    tokens: str = "all",
+) -> Iterator[Batch]:
     """Batches until `max_tokens` real tokens have been read or the data's first epoch ends.
 
     The training stream is endless; a batch that reached into the second epoch would repeat rows,

@@ -13,11 +13,11 @@ from megasae import sae
 from megasae.data.masks import image_token_ids
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import EvalConfig, HeldOutData
-from megasae.files import write_atomic
 from megasae.eval.metrics import NextTokenStats, ReconstructionStats, next_token_log_probs, token_groups
 from megasae.eval.plots import density_png, l0_png
 from megasae.eval.report import report_markdown
 from megasae.eval.splice import EvalHost, adapter_settings
+from megasae.files import write_atomic
 from megasae.parallel import ParallelState, init_distributed
 from megasae.parallel.distributed import merge_over_stages
 

@@ -1,4 +1,5 @@
-"""The cheap part of `megasae eval` during training (`--eval-every`): FVU, L0 and dead latents on held-out rows."""
+"""The cheap part of `megasae eval` during training (`--eval-every`): FVU, L0 and dead latents on
+held-out rows."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ class HeldOutEval:
     """Reads the same held-out batches (the data's first `max_tokens` tokens) at every call, so successive
     numbers compare; the trainer's forward runs them, stopping after the last target as in training."""
 
-    def __init__(self, data: str, processor, device: torch.device, outlier_factor: float | None, **batch_args):
+    def __init__(
+        self, data: str, processor, device: torch.device, outlier_factor: float | None, **batch_args
+    ):
         self.data, self.processor, self.device, self.outlier_factor = data, processor, device, outlier_factor
         self.batch_args = batch_args
         next(self._batches())  # bad data fails now, not after the first N training steps

@@ -15,9 +15,9 @@ from megasae.data.masks import image_token_ids, tokenizer_of
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import InspectConfig
 from megasae.eval.evaluate import init_eval_ranks
-from megasae.files import write_atomic
 from megasae.eval.images import heatmap_png, image_runs, token_grid, unpatchify_qwen
 from megasae.eval.splice import EvalHost
+from megasae.files import write_atomic
 from megasae.parallel import ParallelState
 from megasae.sae import SaeOutput
 
@@ -51,7 +51,9 @@ def parse_latents(text: str) -> list[int]:
     try:
         return list(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
     except ValueError:
-        raise ValueError(f"--latents must be comma-separated latent ids such as 0,17,42, got {text!r}.") from None
+        raise ValueError(
+            f"--latents must be comma-separated latent ids such as 0,17,42, got {text!r}."
+        ) from None
 
 
 def check_latents(latents: list[int], num_latents: int, path: str) -> None:
@@ -64,7 +66,8 @@ def check_latents(latents: list[int], num_latents: int, path: str) -> None:
 
 
 def latent_activations(out: SaeOutput, latents: Tensor, shape: torch.Size, num_latents: int) -> Tensor:
-    """[*shape, len(latents)]: each chosen latent's activation at every position (0 where the SAE read nothing)."""
+    """[*shape, len(latents)]: each chosen latent's activation at every position (0 where the SAE read
+    nothing)."""
     column = torch.full((num_latents,), -1, dtype=torch.long, device=out.indices.device)
     column[latents] = torch.arange(latents.numel(), device=column.device)
     cols = column[out.indices]
@@ -106,10 +109,19 @@ class Collector:
     def _outputs(self):
         """(batch, the target's SaeOutput, None off the stage owning it) for each held-out batch."""
         cfg = self.cfg
-        for batch in held_out_batches(cfg.data, self.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
-                                      batch_size=cfg.batch_size, seed=cfg.seed, text_column=cfg.text_column,
-                                      messages_column=cfg.messages_column, images_column=cfg.images_column,
-                                      tokens=cfg.tokens):
+        batches = held_out_batches(
+            cfg.data,
+            self.processor,
+            max_tokens=cfg.max_tokens,
+            ctx_len=cfg.ctx_len,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            text_column=cfg.text_column,
+            messages_column=cfg.messages_column,
+            images_column=cfg.images_column,
+            tokens=cfg.tokens,
+        )
+        for batch in batches:
             inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
             outputs = self.host.sae_outputs(inputs, batch.token_mask.to(self.device), cfg.outlier_factor)
             yield batch, outputs.get(self.path)
@@ -150,8 +162,11 @@ class Collector:
                     image = int(runs[b, positions[b, j]])
                     if image >= 0 and "image_grid_thw" in batch.inputs:
                         if images is None:
-                            images = unpatchify_qwen(batch.inputs["pixel_values"], batch.inputs["image_grid_thw"],
-                                                     self.processor.image_processor)
+                            images = unpatchify_qwen(
+                                batch.inputs["pixel_values"],
+                                batch.inputs["image_grid_thw"],
+                                self.processor.image_processor,
+                            )
                         example.image = images[image]
                         example.image_activations = acts[b, runs[b] == image, j]
                         example.grid = token_grid(batch.inputs["image_grid_thw"][image],
@@ -189,7 +204,8 @@ def _example_html(example: Example, vmax: float) -> str:
     parts = [f'<div class="ctx">{"".join(spans)}</div>']
     if example.image is not None:
         png = heatmap_png(example.image, example.image_activations, example.grid, vmax)
-        parts.append(f'<img alt="image patches" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        data = base64.b64encode(png).decode()
+        parts.append(f'<img alt="image patches" src="data:image/png;base64,{data}">')
     return f'<li><span class="score">{example.score:.3f}</span>{"".join(parts)}</li>'
 
 

@@ -19,7 +19,8 @@ DENSE_FREQUENCY = 0.1
 
 
 def token_groups(input_ids: Tensor, image_ids: Tensor, multimodal: bool) -> dict[str, Tensor]:
-    """Bool masks over the flattened positions of a batch: "all", and for multimodal hosts "text" and "image"."""
+    """Bool masks over the flattened positions of a batch: "all", and for multimodal hosts "text" and
+    "image"."""
     flat = input_ids.reshape(-1)
     groups = {"all": torch.ones_like(flat, dtype=torch.bool)}
     if multimodal:

@@ -34,7 +34,8 @@ def density_png(result: dict) -> bytes:
                 continue
             ax.hist(np.log10(frequency[frequency > 0]), bins=50, histtype="step", color=COLORS[group],
                     label=f"{group}: {100 * stats['dead_fraction']:.1f}% dead")
-        ax.set(title=f"{path}: {target['num_latents']} latents", xlabel="log10 firing frequency", ylabel="latents")
+        ax.set(title=f"{path}: {target['num_latents']} latents", xlabel="log10 firing frequency",
+               ylabel="latents")
         ax.legend(loc="best")
     return _png(fig)
 

@@ -33,7 +33,8 @@ def report_markdown(result: dict) -> str:
         f"- model: `{result['model']}`",
         f"- adapter: `{result['adapter']}`",
         (f"- data: `{result['data']}`: {result['tokens']} tokens in {result['sequences']} sequences "
-         f"(ctx_len {s['ctx_len']}, seed {s['seed']}, tokens {s['tokens']}, outlier factor {s['outlier_factor']})"),
+         f"(ctx_len {s['ctx_len']}, seed {s['seed']}, tokens {s['tokens']}, "
+         f"outlier factor {s['outlier_factor']})"),
         "",
         ("Each SAE reads the tokens of the token mask (no padding, position 0 or special tokens, no norm "
          "outliers); host losses score the next-token predictions made at those positions, with only that "

@@ -68,7 +68,9 @@ def topk_encode(
     """
     _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
-        raise ValueError(f"topk_encode: chunk_size = {chunk_size!r} must be an int >= 0 (0: the kernel picks).")
+        raise ValueError(
+            f"topk_encode: chunk_size = {chunk_size!r} must be an int >= 0 (0: the kernel picks)."
+        )
     if _has_kernel(x):
         return torch.ops.megasae.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, chunk_size)
     return reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask)
@@ -121,7 +123,9 @@ def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask) -> None:
             f"but must be a bool tensor of shape [{M}] or None."
         )
     if dead_mask is not None and dead_mask.device != x.device:
-        raise ValueError(f"topk_encode: dead_mask is on {dead_mask.device} but x is on {x.device}; they must match.")
+        raise ValueError(
+            f"topk_encode: dead_mask is on {dead_mask.device} but x is on {x.device}; they must match."
+        )
     for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
         if t is not None:
             _check_same("topk_encode", name, t, "x", x)

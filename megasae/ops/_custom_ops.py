@@ -75,7 +75,9 @@ def _no_double_backward(op):
     return backward
 
 
-torch.library.register_autograd("megasae::sparse_decode", _decode_backward, setup_context=_decode_setup_context)
+torch.library.register_autograd(
+    "megasae::sparse_decode", _decode_backward, setup_context=_decode_setup_context
+)
 torch.library.register_autograd(
     "megasae::topk_encode", _encode_backward, setup_context=_encode_setup_context
 )

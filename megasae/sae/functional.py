@@ -84,8 +84,16 @@ def init_weights(
     }
 
 
-def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, dead_mask: Tensor | None = None,
-           latent_group: dist.ProcessGroup | None = None, relu: bool = True):
+def encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    dead_mask: Tensor | None = None,
+    latent_group: dist.ProcessGroup | None = None,
+    relu: bool = True,
+):
     """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k]; relu=False keeps the raw
     top-k values.
 
@@ -142,7 +150,8 @@ def mean_and_count(rows: Tensor, group: dist.ProcessGroup | None = None) -> tupl
 
 @torch.no_grad()
 def least_squares_scale(target: Tensor, prediction: Tensor, group: dist.ProcessGroup | None = None) -> float:
-    """argmin_s sum ||target - s prediction||^2 over the tokens of all ranks of `group` (1 if prediction is 0).
+    """argmin_s sum ||target - s prediction||^2 over the tokens of all ranks of `group` (1 if prediction
+    is 0).
 
     The encoder initialisation uses it: with b_enc = 0, scaling W_enc by s picks the same top-k latents
     with values times s, so a fresh encoder scaled this way starts at the best reconstruction along its

@@ -57,7 +57,8 @@ class StepMetrics:
             for key, value in per_target.items():
                 if len(paths) > 1:
                     record[f"{key}/{path}"] = value
-                record[key] = record.get(key, 0.0) + value / (1 if key in ("loss", "trained_tokens") else len(paths))
+                share = 1 if key in ("loss", "trained_tokens") else len(paths)
+                record[key] = record.get(key, 0.0) + value / share
         return record
 
 
@@ -70,8 +71,8 @@ class MetricsLog:
         if not enabled:
             return
         self.file = open(output_dir / "metrics.jsonl", "a")
-        self.bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
-                        desc="train")
+        self.bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True,
+                        dynamic_ncols=True, desc="train")
         self.wandb = None
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -80,8 +81,8 @@ class MetricsLog:
                 os.environ["WANDB_ERROR_REPORTING"] = "false"
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(output_dir), config=config,
-                                    resume="allow")
+            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(output_dir),
+                                    config=config, resume="allow")
 
     def advance(self, tokens: int) -> None:
         if self.enabled:

@@ -34,8 +34,8 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     found = run_files(output_dir) if output_dir.is_dir() else []
     if found and not (resume or overwrite):
         raise FileExistsError(
-            f"--output-dir {output_dir} holds a run ({', '.join(found)}): continue it with --resume, or delete "
-            "it and start afresh with --overwrite."
+            f"--output-dir {output_dir} holds a run ({', '.join(found)}): continue it with --resume, "
+            "or delete it and start afresh with --overwrite."
         )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -21,20 +21,20 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megasae.data import build_batches, open_source
 from megasae.data.activations import ActivationBatches, read_manifest
+from megasae.errors import Interrupted
 from megasae.eval.held_out import HeldOutEval, held_out_record
+from megasae.files import staging_directory
 from megasae.models import compile_blocks, load_host_model
-from megasae.models.replay import ReplayHost
 from megasae.models.loading import DEFAULT_MODEL_NAME
+from megasae.models.replay import ReplayHost
 from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
+from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.latents import gather_rows, shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
-from megasae.errors import Interrupted
-from megasae.files import staging_directory
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.train.cache import CacheConfig
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config

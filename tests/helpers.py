@@ -1,0 +1,119 @@
+"""Plain helpers several test modules share: tiny hosts, a random saved adapter, and train/eval configs.
+
+Fixtures live in conftest.py; this is an ordinary module, imported as `from helpers import ...`.
+"""
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megasae import TopKSaeConfig, get_peft_sae_model
+from megasae.errors import Interrupted
+from megasae.eval import EvalConfig
+from megasae.models import load_host_model
+from megasae.train import TrainConfig, Trainer
+
+WORDS = "a quick brown fox jumps over the lazy dog while seven tired owls hum old songs".split()
+
+# The SAE's layer in the tiny Llama `host_dir` (3 decoder layers).
+TARGET = "model.layers.1"
+
+# The eval and inspect settings of a small, fast run on CPU.
+SETTINGS = dict(max_tokens=256, batch_size=4, ctx_len=16, seed=3, device="cpu", outlier_factor=None)
+
+
+class DummyModel(nn.Module):
+    """The host model of the original project's README example."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class TwoLayerMLP(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.act = nn.GELU()
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def tiny_llama(seed: int = 0, num_layers: int = 4, **config) -> LlamaForCausalLM:
+    """A random Llama (hidden 32, 4 heads, 2 KV heads, vocab 128) in eval mode; `config` overrides any
+    LlamaConfig field."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    fields.update(config)
+    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+
+
+def save_adapter(host_dir, path, targets=(TARGET,), weights=None, k=4, num_latents=64):
+    """A random SAE whose b_dec is the mean of one batch (as training starts), or the given weights."""
+    host, _ = load_host_model(host_dir)
+    sae_config = TopKSaeConfig(k=k, num_latents=num_latents, target_modules=list(targets))
+    model = get_peft_sae_model(host, sae_config)
+    model.train()
+    with torch.no_grad(), model.capture():
+        model(input_ids=torch.randint(3, 90, (2, 16)))
+    for name, tensor in (weights or {}).items():
+        dict(model.named_parameters())[f"base_model.model.{TARGET}.sae_{name}.default"].data.copy_(tensor)
+    model.save_pretrained(path)
+    return path
+
+
+def eval_config(host_dir, adapter, data, **overrides) -> EvalConfig:
+    fields = dict(adapter=adapter, model=str(host_dir), data=str(data), max_tokens=160, batch_size=4,
+                  ctx_len=16, seed=3, device="cpu", outlier_factor=None)
+    fields.update(overrides)
+    return EvalConfig(**fields)
+
+
+def config(host_dir, text_data, output_dir, **overrides) -> TrainConfig:
+    """A 12-step training run on `host_dir` and `text_data` (the fixtures), 128 tokens a step."""
+    fields = dict(model=str(host_dir), data=str(text_data), target_modules=("model.layers.1",), k=4,
+                  expansion_factor=4, ctx_len=16, micro_batch_size=4, batch_tokens=128, max_tokens=128 * 12,
+                  warmup_steps=2, log_every=2, wandb_mode="disabled", output_dir=output_dir, device="cpu",
+                  dead_tokens_threshold=256, lr=3e-3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def adapter_tensors(output_dir):
+    return load_file(output_dir / "adapter_model.safetensors")
+
+
+def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Interrupted:
+    """Run, sending this process SIGTERM right after step `stop_step`, as a scheduler would; the run
+    checkpoints and reports the interrupt."""
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def step_then_sigterm():
+        metrics = real_step()
+        if trainer.step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_sigterm
+    with pytest.raises(Interrupted) as stopped:
+        trainer.fit()
+    return stopped.value
