@@ -33,6 +33,19 @@ def _digests(directory):
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def kill_at_rename(monkeypatch, module, when) -> None:
+    """The process dies (KeyboardInterrupt) at the first os.replace in `module` for which
+    when(source name, destination name) holds."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if when(os.path.basename(src), os.path.basename(dst)):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(module.os, "replace", replace)
+
+
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(host_dir, text_data, tmp_path):
     out = tmp_path / "run"
     fit_until_sigterm(config(host_dir, text_data, out), stop_step=3)
@@ -74,14 +87,7 @@ def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(host_dir,
     out = tmp_path / "run"
     Trainer(config(host_dir, text_data, out)).fit()
     finished = latest_checkpoint(out)
-    real_replace = os.replace
-
-    def die_renaming_a_checkpoint(src, dst):
-        if os.path.basename(src).startswith(".step-"):
-            raise KeyboardInterrupt  # killed at the rename
-        real_replace(src, dst)
-
-    monkeypatch.setattr(checkpoint_module.os, "replace", die_renaming_a_checkpoint)
+    kill_at_rename(monkeypatch, checkpoint_module, lambda src, dst: src.startswith(".step-"))
     with pytest.raises(KeyboardInterrupt):
         Trainer(config(host_dir, text_data, out, resume=True)).fit()
     monkeypatch.undo()
@@ -100,14 +106,7 @@ def test_a_crash_between_the_adapter_renames_leaves_no_mixed_adapter(host_dir, t
     out = tmp_path / "run"
     Trainer(config(host_dir, text_data, out)).fit()
     expected = adapter_tensors(out)
-    real_replace = os.replace
-
-    def die_before_the_config(src, dst):
-        if os.path.basename(dst) == "adapter_config.json":
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(run_dir.os, "replace", die_before_the_config)
+    kill_at_rename(monkeypatch, run_dir, lambda src, dst: dst == "adapter_config.json")
     with pytest.raises(KeyboardInterrupt):
         Trainer(config(host_dir, text_data, out, resume=True)).fit()
     monkeypatch.undo()
