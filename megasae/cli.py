@@ -97,7 +97,9 @@ def bench_command(args: list[str]) -> None:
     from megasae.bench import BENCHMARKS
 
     if not args or args[0] not in BENCHMARKS:
-        raise ValueError(f"name a benchmark: megasae bench <name> [flags]; valid names: {', '.join(BENCHMARKS)}.")
+        raise ValueError(
+            f"name a benchmark: megasae bench <name> [flags]; valid names: {', '.join(BENCHMARKS)}."
+        )
     BENCHMARKS[args[0]](args[1:])
 
 
@@ -110,8 +112,8 @@ def quiet_libraries() -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": train_command, "cache": cache_command, "eval": eval_command, "inspect": inspect_command, "plan": plan_command,
-    "bench": bench_command, "export": export_command, "import": import_command,
+    "train": train_command, "cache": cache_command, "eval": eval_command, "inspect": inspect_command,
+    "plan": plan_command, "bench": bench_command, "export": export_command, "import": import_command,
 }
 
 

@@ -141,7 +141,9 @@ def test_bad_caches_and_mismatched_runs_are_refused(host_dir, text_data, cache, 
         write_cache(cache_config(host_dir, text_data, cache))
     with pytest.raises(ValueError, match=r"holds a cache made with other settings \(seed 0 -> 1\)"):
         write_cache(cache_config(host_dir, text_data, cache, seed=1))
-    with pytest.raises(ValueError, match=r"holds no activations of 'model.layers.2'; it holds model.layers.0"):
+    with pytest.raises(
+        ValueError, match=r"holds no activations of 'model.layers.2'; it holds model.layers.0"
+    ):
         Trainer(train_config(cache, tmp_path / "a", target_modules=("model.layers.2",)))
     with pytest.raises(ValueError, match="holds the activations of --data"):
         Trainer(train_config(cache, tmp_path / "b", data=str(tmp_path)))

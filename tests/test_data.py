@@ -222,8 +222,11 @@ def test_file_without_the_column(tokenizer, tmp_path):
     write_parquet(tmp_path / "b.parquet", [{"body": "wrong"}])
     with pytest.raises(ValueError, match=r"b\.parquet has no 'text' column; its columns are: body"):
         stream(tmp_path, tokenizer)
-    with pytest.raises(ValueError, match=r"b\.parquet has no 'msgs' column .*, 'body2' column .* or 'input_ids' "
-                                         r"column \(token ids\); its columns are: body"):
+    with pytest.raises(
+        ValueError,
+        match=r"b\.parquet has no 'msgs' column .*, 'body2' column .* or 'input_ids' "
+        r"column \(token ids\); its columns are: body",
+    ):
         stream(tmp_path / "b.parquet", tokenizer, messages_column="msgs", text_column="body2")
 
 
@@ -353,7 +356,9 @@ def test_bad_token_ids_are_refused_in_one_sentence(tokenizer, tmp_path, rows, me
         next(stream(data, tokenizer))
 
 
-def test_a_datasets_directory_gives_the_batches_of_the_same_parquet(tokenizer, processor, chat_file, tmp_path):
+def test_a_datasets_directory_gives_the_batches_of_the_same_parquet(
+    tokenizer, processor, chat_file, tmp_path
+):
     """`Dataset.save_to_disk` directories (text, token ids, chat with Image features; a DatasetDict's train
     split) stream the same batches as Parquet files with the same rows in one row group."""
     datasets = pytest.importorskip("datasets")
@@ -364,7 +369,9 @@ def test_a_datasets_directory_gives_the_batches_of_the_same_parquet(tokenizer, p
     for data in ("text-ds", "dict-ds"):
         for rank in (0, 1):
             ours = itertools.islice(stream(tmp_path / data, tokenizer, rank=rank, world_size=2), 12)
-            parquet = itertools.islice(stream(tmp_path / "text.parquet", tokenizer, rank=rank, world_size=2), 12)
+            parquet = itertools.islice(
+                stream(tmp_path / "text.parquet", tokenizer, rank=rank, world_size=2), 12
+            )
             assert same_batches(list(ours), list(parquet))
     check_resume(lambda: stream(tmp_path / "text-ds", tokenizer, rank=1, world_size=2, batch_size=1),
                  taken=10, then=20)

@@ -405,6 +405,9 @@ def test_a_hub_id_the_network_cannot_provide_fails_in_one_sentence(tmp_path, mon
     monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"org/gone is neither a local path nor a cached Hugging Face Hub "
-                                                r"repository, and the Hub could not provide it \(OSError\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"org/gone is neither a local path nor a cached Hugging Face Hub "
+        r"repository, and the Hub could not provide it \(OSError\)",
+    ):
         formats.read("org/gone")

@@ -19,8 +19,9 @@ from helpers import TwoLayerMLP, tiny_llama
 
 def trained_mlp_adapter(seed=0, **config):
     torch.manual_seed(seed)
-    model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=4, num_latents=24, target_modules=["up", "down"],
-                                                            **config))
+    model = get_peft_sae_model(
+        TwoLayerMLP(), TopKSaeConfig(k=4, num_latents=24, target_modules=["up", "down"], **config)
+    )
     model.train()
     x = torch.randn(64, 16)
     with model.capture() as outputs:
@@ -56,8 +57,11 @@ def test_adapter_directory_layout(tmp_path):
     assert sorted(config["target_modules"]) == ["down", "up"]
 
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert sorted(tensors) == sorted(f"base_model.model.{module}.sae_{param}"
-                                     for module in ("up", "down") for param in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    assert sorted(tensors) == sorted(
+        f"base_model.model.{module}.sae_{param}"
+        for module in ("up", "down")
+        for param in ("W_enc", "b_enc", "W_dec", "b_dec")
+    )
     assert tensors["base_model.model.up.sae_W_enc"].shape == (24, 32)  # reads up's output (width 32)
     assert tensors["base_model.model.down.sae_W_dec"].shape == (24, 16)
     assert all(t.dtype == torch.float32 for t in tensors.values())
@@ -93,7 +97,9 @@ def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
     trainable = PeftSaeModel.from_pretrained(TwoLayerMLP(), tmp_path, is_trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
-        f"base_model.model.{m}.sae_{p}.default" for m in ("up", "down") for p in ("W_enc", "b_enc", "W_dec", "b_dec")
+        f"base_model.model.{m}.sae_{p}.default"
+        for m in ("up", "down")
+        for p in ("W_enc", "b_enc", "W_dec", "b_dec")
     }
 
 
@@ -154,8 +160,11 @@ def test_disable_unload_and_delete():
     model = trained_mlp_adapter()
     model.eval()  # splice
     host = TwoLayerMLP()
-    host.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items()
-                          if ".sae_" not in k})
+    host.load_state_dict({
+        k.replace(".base_layer", ""): v
+        for k, v in model.get_base_model().state_dict().items()
+        if ".sae_" not in k
+    })
     x = torch.randn(8, 16)
     assert not torch.equal(model(x), host(x))
     with model.disable_adapter():

@@ -207,5 +207,7 @@ def test_a_cli_run_ends_with_a_summary_and_curves_and_no_library_warnings(host_d
     for line, target in zip(lines[1:3], ("model.layers.0", "model.layers.1")):
         last = records[-1]
         assert line.startswith(f"  {target}: FVU {last[f'fvu/{target}']:.3f}, L0 {last[f'l0/{target}']:.1f}")
-    assert lines[3].endswith(f"next: megasae eval --adapter {out} --model {host_dir} --output-dir {out / 'eval'}")
+    assert lines[3].endswith(
+        f"next: megasae eval --adapter {out} --model {host_dir} --output-dir {out / 'eval'}"
+    )
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -72,8 +72,10 @@ class ActivationBatches:
         self.manifest = read_manifest(cache)
         self.shards = self.manifest["shards"]
         if sum(s["tokens"] for s in self.shards) < world_size * rows:
-            raise ValueError(f"The activation cache {cache} holds fewer rows than one batch of {rows} per rank "
-                             f"on {world_size} ranks.")
+            raise ValueError(
+                f"The activation cache {cache} holds fewer rows than one batch of {rows} per rank "
+                f"on {world_size} ranks."
+            )
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.names = [name for path, target in self.manifest["targets"].items()
                       for name in tensor_names(path, target["transcode"])]
@@ -136,6 +138,8 @@ class ActivationBatches:
         mine = self.state_dict()
         for key in ("kind", "rank", "world_size", "seed"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"The data state was saved with {key}={state.get(key)!r}, but this stream has "
-                                 f"{key}={mine[key]!r}; resume with the same data arguments.")
+                raise ValueError(
+                    f"The data state was saved with {key}={state.get(key)!r}, but this stream has "
+                    f"{key}={mine[key]!r}; resume with the same data arguments."
+                )
         self.position = tuple(state["position"])

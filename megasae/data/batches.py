@@ -70,8 +70,18 @@ class PackedTextStream(BatchStream):
     builds); no padding. A document is text to tokenize or, from a token-id column, its ids as they are:
     so token rows that hold the text path's own tokens give the very same batches."""
 
-    def __init__(self, source, name, masker, batch_size, identity, tokenizer, ctx_len: int, column: str | None,
-                 pretokenized: bool = False):
+    def __init__(
+        self,
+        source,
+        name,
+        masker,
+        batch_size,
+        identity,
+        tokenizer,
+        ctx_len: int,
+        column: str | None,
+        pretokenized: bool = False,
+    ):
         super().__init__(source, name, masker, batch_size, identity)
         self._column = column  # a row's text or token-id column; None when the items are the texts
         if tokenizer.eos_token_id is None:

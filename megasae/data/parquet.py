@@ -43,7 +43,7 @@ class Schema:
 
 
 def _datasets_files(directory: Path) -> list[Path]:
-    """The Arrow files of a `save_to_disk` directory; a DatasetDict's 'train' split unless a split is named."""
+    """The Arrow files of a `save_to_disk` directory; a DatasetDict's 'train' split unless one is named."""
     splits_file = directory / "dataset_dict.json"
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text())["splits"]

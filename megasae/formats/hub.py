@@ -42,9 +42,9 @@ def local_path(source: str | Path) -> Path:
             snapshot = snapshot_download(repo_id, allow_patterns=patterns)
         except Exception as err:  # no network, no such repository, no access: each its own kind
             raise FileNotFoundError(
-                f"{source} is neither a local path nor a cached Hugging Face Hub repository, and the Hub could "
-                f"not provide it ({type(err).__name__}): check the id and the network, or pass a local "
-                "directory."
+                f"{source} is neither a local path nor a cached Hugging Face Hub repository, and the Hub "
+                f"could not provide it ({type(err).__name__}): check the id and the network, or pass a "
+                "local directory."
             ) from None
     path = Path(snapshot) / subfolder
     if not path.is_dir():

@@ -51,12 +51,16 @@ class TopKSaeConfig(PeftConfig):
     num_latents: int = field(
         default=0, metadata={"help": "Number of latents; 0 means expansion_factor x the width the SAE reads."}
     )
-    expansion_factor: int = field(default=32, metadata={"help": "Latents per input dimension when num_latents is 0."})
+    expansion_factor: int = field(
+        default=32, metadata={"help": "Latents per input dimension when num_latents is 0."}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or suffixes (list) or a regex (str) of the modules to attach to."}
+        default=None,
+        metadata={"help": "Module names or suffixes (list) or a regex (str) of the modules to attach to."},
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or suffixes (list) or a regex (str) never to attach to."}
+        default=None,
+        metadata={"help": "Module names or suffixes (list) or a regex (str) never to attach to."},
     )
     transcode: bool = field(
         default=False, metadata={"help": "Read the module's input and predict its output (a transcoder)."}
@@ -73,8 +77,10 @@ class TopKSaeConfig(PeftConfig):
     )
     compute_dtype: Literal["float32", "bfloat16"] | None = field(
         default=None,
-        metadata={"help": "dtype the SAE computes in (None: sae_dtype's). bfloat16 over float32 weights is mixed "
-                  "precision: bf16 products on tensor cores, float32 weights, gradients and Adam state."},
+        metadata={
+            "help": "dtype the SAE computes in (None: sae_dtype's). bfloat16 over float32 weights is mixed "
+            "precision: bf16 products on tensor cores, float32 weights, gradients and Adam state."
+        },
     )
     init_sae_weights: bool = field(
         default=True, metadata={"help": "False skips the random init, for weights about to be loaded."}
@@ -99,11 +105,15 @@ class TopKSaeConfig(PeftConfig):
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be a positive integer, got {self.k!r}.")
         if self.num_latents < 0:
-            raise ValueError(f"num_latents must be 0 (use expansion_factor) or positive, got {self.num_latents}.")
+            raise ValueError(
+                f"num_latents must be 0 (use expansion_factor) or positive, got {self.num_latents}."
+            )
         if self.num_latents and self.k > self.num_latents:
             raise ValueError(f"k ({self.k}) must be at most num_latents ({self.num_latents}).")
         if self.num_latents == 0 and self.expansion_factor < 1:
-            raise ValueError(f"expansion_factor must be at least 1 when num_latents is 0, got {self.expansion_factor}.")
+            raise ValueError(
+                f"expansion_factor must be at least 1 when num_latents is 0, got {self.expansion_factor}."
+            )
         if self.k_aux is not None and self.k_aux < 1:
             raise ValueError(f"k_aux must be None (half the output width) or positive, got {self.k_aux}.")
         if self.auxk_alpha < 0:

@@ -1,4 +1,5 @@
-"""Model-wide control of the attached SAEs; works on a PeftSaeModel and on a model from inject_adapter_in_model."""
+"""Model-wide control of the attached SAEs; works on a PeftSaeModel and on a model from
+inject_adapter_in_model."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
 def _active_sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
     layers = [m for m in sae_layers(model) if m.active_saes and not m.disable_adapters]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no active TopK SAE; attach one with get_peft_sae_model.")
+        raise ValueError(
+            f"{type(model).__name__} has no active TopK SAE; attach one with get_peft_sae_model."
+        )
     return layers
 
 
@@ -61,8 +64,8 @@ def capture(
     unknown = sorted(set(replace) - {layer.module_path for layer in layers})
     if unknown or not set(replace.values()) <= {"sae", "zero"}:
         raise ValueError(
-            f"replace must map target module paths {[layer.module_path for layer in layers]} to 'sae' or 'zero', "
-            f"got {replace!r}."
+            f"replace must map target module paths {[layer.module_path for layer in layers]} to 'sae' or "
+            f"'zero', got {replace!r}."
         )
     session = CaptureSession(token_mask, stop_after_targets, len(layers), outlier_factor, group, replace)
     for layer in layers:
@@ -144,7 +147,9 @@ def accept_with_cache(host: nn.Module) -> None:
 
 def sae_outputs(model: nn.Module) -> dict[str, sae.SaeOutput]:
     """The last captured output of every SAE layer, by target module path."""
-    return {layer.module_path: layer.sae_output for layer in sae_layers(model) if layer.sae_output is not None}
+    return {
+        layer.module_path: layer.sae_output for layer in sae_layers(model) if layer.sae_output is not None
+    }
 
 
 def remove_parallel_decoder_grads(model: nn.Module) -> None:

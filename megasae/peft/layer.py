@@ -87,9 +87,9 @@ def module_widths(module: nn.Module, module_path: str) -> tuple[int, int]:
         if isinstance(width, int):
             return width, width
     raise TypeError(
-        f"Cannot attach a TopK SAE to {module_path!r} ({type(module).__name__}): a target must be an nn.Linear "
-        "or a module that returns the hidden state and names its width in a `hidden_size` attribute "
-        "(such as a Hugging Face decoder layer)."
+        f"Cannot attach a TopK SAE to {module_path!r} ({type(module).__name__}): a target must be an "
+        "nn.Linear or a module that returns the hidden state and names its width in a `hidden_size` "
+        "attribute (such as a Hugging Face decoder layer)."
     )
 
 
@@ -104,8 +104,8 @@ def _hidden_state(module_path: str, result: Any) -> Tensor:
     hidden = result[0] if isinstance(result, tuple) else result
     if not isinstance(hidden, Tensor):
         raise TypeError(
-            f"The SAE on {module_path!r} needs the module to return a tensor or a tuple whose first element is "
-            f"the hidden state; it returned {type(result).__name__}."
+            f"The SAE on {module_path!r} needs the module to return a tensor or a tuple whose first element "
+            f"is the hidden state; it returned {type(result).__name__}."
         )
     return hidden
 
@@ -119,8 +119,8 @@ def _rows_to_read(rows: Tensor, module_path: str, leading_shape: torch.Size,
     if session.token_mask is not None:
         if session.token_mask.shape != leading_shape:
             raise ValueError(
-                f"token_mask has shape {tuple(session.token_mask.shape)} but the activations of {module_path!r} "
-                f"have leading shape {tuple(leading_shape)}; pass a bool mask of that shape."
+                f"token_mask has shape {tuple(session.token_mask.shape)} but the activations of "
+                f"{module_path!r} have leading shape {tuple(leading_shape)}; pass a bool mask of that shape."
             )
         keep = session.token_mask.reshape(-1).to(rows.device, torch.bool)
     if session.outlier_factor is not None:
@@ -207,7 +207,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def num_latents(self, adapter_name: str) -> int:
-        """All of the SAE's latents, also when this rank holds only a block of them (the counters cover all)."""
+        """All of the SAE's latents, also when this rank holds only a block of them (the counters cover
+        all)."""
         return self.sae_tokens_since_fired[adapter_name].numel()
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -223,7 +224,9 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             del self._requires_grad_when_enabled
 
     def merge(self, *args, **kwargs) -> None:
-        raise NotImplementedError("A TopK SAE cannot be merged into its host's weights; use unload() instead.")
+        raise NotImplementedError(
+            "A TopK SAE cannot be merged into its host's weights; use unload() instead."
+        )
 
     def unmerge(self, *args, **kwargs) -> None:
         raise NotImplementedError("A TopK SAE is never merged, so there is nothing to unmerge.")
@@ -288,7 +291,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         carries back to the stored weights (no copy when the dtypes agree)."""
         dtype = self.sae_spec[adapter].compute_dtype
         W_enc, b_enc, W_dec, b_dec = (
-            getattr(self, name)[adapter].to(dtype) for name in ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
+            getattr(self, name)[adapter].to(dtype)
+            for name in ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
         )
         return W_enc, b_enc, W_dec, b_dec, None if self.sae_spec[adapter].transcode else b_dec
 
@@ -321,7 +325,9 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         output = self._losses(adapter, x, target, group)
         output.kept = keep
         if self.training:
-            sae.update_dead_counters(self.sae_tokens_since_fired[adapter], output.indices, output.values, group)
+            sae.update_dead_counters(
+                self.sae_tokens_since_fired[adapter], output.indices, output.values, group
+            )
         self.sae_output = output
         return output
 
@@ -332,7 +338,9 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         x_hat = self._reconstruct(adapter, x)
         self.sae_W_enc[adapter].mul_(sae.least_squares_scale(x - b_dec, x_hat - b_dec, group))
 
-    def _losses(self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> sae.SaeOutput:
+    def _losses(
+        self, adapter: str, x: Tensor, target: Tensor, group: dist.ProcessGroup | None
+    ) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]
         W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
         values, indices = sae.encode(x, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
@@ -360,7 +368,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def _check_loaded_state(module: TopKSaeLayer, state_dict: dict, prefix: str, *args) -> None:
-        """Name the key and both shapes when an adapter does not fit; keep loaded b_dec from being re-initialised."""
+        """Name the key and both shapes when an adapter does not fit; keep loaded b_dec from being
+        re-initialised."""
         for name in module.adapter_layer_names:
             for adapter, param in getattr(module, name).items():
                 loaded = state_dict.get(f"{prefix}{name}.{adapter}")
@@ -368,9 +377,9 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
                     continue
                 if loaded.shape != param.shape:
                     raise ValueError(
-                        f"Adapter weight {prefix}{name} has shape {tuple(loaded.shape)} in the checkpoint but "
-                        f"{tuple(param.shape)} in the model: the adapter was trained on a module of another "
-                        "width or with another number of latents."
+                        f"Adapter weight {prefix}{name} has shape {tuple(loaded.shape)} in the checkpoint "
+                        f"but {tuple(param.shape)} in the model: the adapter was trained on a module of "
+                        "another width or with another number of latents."
                     )
                 module.sae_needs_init[adapter] = False
 

@@ -78,14 +78,17 @@ class CacheConfig:
         model = self.model
         if model is not None and Path(model).exists():
             model = str(Path(model).resolve())
-        return {"model": model or DEFAULT_MODEL_NAME, "data": data, "seed": self.seed, "ctx_len": self.ctx_len,
-                "micro_batch_size": self.micro_batch_size, "tokens": self.tokens, "dtype": self.cache_dtype,
-                "transcode": self.transcode, "text_column": self.text_column,
-                "messages_column": self.messages_column, "images_column": self.images_column}
+        return {
+            "model": model or DEFAULT_MODEL_NAME, "data": data, "seed": self.seed, "ctx_len": self.ctx_len,
+            "micro_batch_size": self.micro_batch_size, "tokens": self.tokens, "dtype": self.cache_dtype,
+            "transcode": self.transcode, "text_column": self.text_column,
+            "messages_column": self.messages_column, "images_column": self.images_column,
+        }
 
 
 class _Recorder:
-    """Forward hooks that keep, per target, the rows the token mask keeps; the last target ends the forward."""
+    """Forward hooks that keep, per target, the rows the token mask keeps; the last target ends the
+    forward."""
 
     class Done(Exception):
         pass
@@ -95,7 +98,9 @@ class _Recorder:
         self.mask: Tensor | None = None
         self.transcode = transcode
         for path in paths:
-            host.get_submodule(path).register_forward_hook(self._hook(path, path == paths[-1]), with_kwargs=True)
+            host.get_submodule(path).register_forward_hook(
+                self._hook(path, path == paths[-1]), with_kwargs=True
+            )
 
     def _hook(self, path: str, last: bool):
         def hook(module, args, kwargs, output):
@@ -129,8 +134,10 @@ def write_cache(cfg: CacheConfig) -> Path:
         changed = [f"{key} {manifest['settings'].get(key)!r} -> {value!r}" for key, value in settings.items()
                    if manifest["settings"].get(key) != value]
         if changed:
-            raise ValueError(f"--output-dir {out} holds a cache made with other settings ({'; '.join(changed)}): "
-                             "continue it with the same ones or choose another directory.")
+            raise ValueError(
+                f"--output-dir {out} holds a cache made with other settings ({'; '.join(changed)}): "
+                "continue it with the same ones or choose another directory."
+            )
         if manifest["complete"]:
             raise FileExistsError(f"--output-dir {out} holds a complete cache of {manifest['tokens']:,} "
                                   "activations; choose another directory.")
@@ -171,11 +178,15 @@ def write_cache(cfg: CacheConfig) -> Path:
 def _width(module: nn.Module) -> int:
     width = getattr(module, "hidden_size", None) or getattr(module, "out_features", None)
     if not isinstance(width, int):
-        raise TypeError(f"Cannot tell the width of {type(module).__name__}; cache a decoder layer or a Linear.")
+        raise TypeError(
+            f"Cannot tell the width of {type(module).__name__}; cache a decoder layer or a Linear."
+        )
     return width
 
 
-def _write_shard(out: Path, manifest: dict, recorder: _Recorder, dtype: torch.dtype, data_state: dict) -> None:
+def _write_shard(
+    out: Path, manifest: dict, recorder: _Recorder, dtype: torch.dtype, data_state: dict
+) -> None:
     """The recorded rows as the next shard, then the manifest that lists it (both atomic: a crash between
     them leaves a shard the manifest does not list, which the next run overwrites)."""
     tensors = {name: torch.cat(parts).to(dtype).cpu().contiguous() for name, parts in recorder.rows.items()}

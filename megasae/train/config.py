@@ -122,7 +122,9 @@ class TrainConfig:
         if self.lr is not None and self.lr <= 0:
             raise SettingError(f"--lr must be above 0, got {self.lr}.")
         if self.resume and self.overwrite:
-            raise SettingError("--resume continues the run in --output-dir and --overwrite deletes it: give one.")
+            raise SettingError(
+                "--resume continues the run in --output-dir and --overwrite deletes it: give one."
+            )
 
     def steps(self) -> int:
         return max(self.max_tokens // self.batch_tokens, 1)
@@ -160,7 +162,9 @@ def load_config_file(path: Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"Config file {path} is not valid YAML or JSON: {str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"Config file {path} is not valid YAML or JSON: {str(err).splitlines()[0]}"
+        ) from None
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of TrainConfig fields.")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -57,7 +57,9 @@ def summary(output_dir: Path, lone: str, model: str | None, eval_data: str | Non
     lines = [f"trained {last['tokens']:,} tokens in {last['step']} steps; the adapter is in {output_dir}"]
     columns = {key: per_target(records, key, lone) for key in ("fvu", "l0", "dead_pct", "trained_tokens")}
     for target in columns["fvu"]:
-        fvu, l0, dead, counted = (columns[key][target][-1] for key in ("fvu", "l0", "dead_pct", "trained_tokens"))
+        fvu, l0, dead, counted = (
+            columns[key][target][-1] for key in ("fvu", "l0", "dead_pct", "trained_tokens")
+        )
         lines.append(f"  {target}: FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1f}% (last step, on the "
                      f"{counted:,.0f} tokens the mask kept)")
     model_flag = f" --model {model}" if model else ""

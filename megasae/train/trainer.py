@@ -103,12 +103,15 @@ class Trainer:
         if cfg.batch_tokens % per_step:
             raise ValueError(
                 f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of micro-batch-size x ctx-len x "
-                f"data-parallel ranks ({cfg.micro_batch_size} x {cfg.ctx_len} x {self.par.dp_size} = {per_step})."
+                f"data-parallel ranks ({cfg.micro_batch_size} x {cfg.ctx_len} x {self.par.dp_size} = "
+                f"{per_step})."
             )
         self.accumulation = cfg.batch_tokens // per_step
         self.steps = cfg.steps()
         if cfg.eval_every > 0 and cfg.eval_data is None:
-            raise ValueError("--eval-every needs --eval-data: a Parquet file or directory of held-out rows, or 'builtin'.")
+            raise ValueError(
+                "--eval-every needs --eval-data: a Parquet file or directory of held-out rows, or 'builtin'."
+            )
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
         checkpoint = self._checkpoint_to_resume() if cfg.resume else None
 
@@ -123,9 +126,11 @@ class Trainer:
                              images_column=cfg.images_column, tokens=cfg.tokens)
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
             host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-            if self.par.tp_size > 1 or self.par.pp_size > 1:  # each rank reads its slices of its stage's layers
-                host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), self.par,
-                                                                 dtype=host_dtype)
+            if self.par.tp_size > 1 or self.par.pp_size > 1:
+                # each rank reads its slices of its stage's layers
+                host, self.processor = load_host_tensor_parallel(
+                    cfg.model, list(cfg.target_modules), self.par, dtype=host_dtype
+                )
             else:
                 host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
             self.batches = build_batches(
@@ -163,7 +168,9 @@ class Trainer:
             self.model.train()
             if cfg.compile:
                 compile_blocks(self.model)
-            self.num_latents = {layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)}
+            self.num_latents = {
+                layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)
+            }
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = cfg.learning_rate(max(merge_over_stages(self.num_latents, self.par).values()))
         self.lr_factor = warmup_then_linear_decay(cfg.warmup_steps, self.steps)
@@ -181,14 +188,17 @@ class Trainer:
         cfg = self.cfg
         checkpoint = latest_checkpoint(cfg.output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume was given but {cfg.output_dir} holds no checkpoint to resume from.")
+            raise FileNotFoundError(
+                f"--resume was given but {cfg.output_dir} holds no checkpoint to resume from."
+            )
         saved = saved_config(checkpoint)
         changed = cfg.resume_differences(saved) if saved is not None else []
         if changed:
             raise ValueError(
-                f"--resume: this run changes {'; '.join(changed)} from the checkpoint {checkpoint}; resume with "
-                "the same settings (only how long the run goes, how it logs, checkpoints and evaluates, and the "
-                "device may change: README, 'Failure and recovery') or start afresh with --overwrite."
+                f"--resume: this run changes {'; '.join(changed)} from the checkpoint {checkpoint}; "
+                "resume with the same settings (only how long the run goes, how it logs, checkpoints and "
+                "evaluates, and the device may change: README, 'Failure and recovery') or start afresh "
+                "with --overwrite."
             )
         return checkpoint
 
@@ -212,8 +222,10 @@ class Trainer:
         for wanted in cfg.target_modules:
             found = [p for p in manifest["targets"] if p == wanted or p.endswith(f".{wanted}")]
             if not found:
-                raise ValueError(f"--activations {cfg.activations} holds no activations of {wanted!r}; it holds "
-                                 f"{', '.join(manifest['targets'])}.")
+                raise ValueError(
+                    f"--activations {cfg.activations} holds no activations of {wanted!r}; it holds "
+                    f"{', '.join(manifest['targets'])}."
+                )
             targets.update({p: manifest["targets"][p] for p in found})
         self.processor = None
         return ReplayHost(targets)
@@ -262,8 +274,10 @@ class Trainer:
             if cfg.resume:
                 roll_back_metrics(cfg.output_dir, self.step)
             (cfg.output_dir / "config.json").write_text(cfg.to_json())
-        log = MetricsLog(cfg.output_dir, self.steps * cfg.batch_tokens, self.tokens, par.is_main, cfg.wandb_mode,
-                         cfg.wandb_project, {"train": vars(cfg)})
+        log = MetricsLog(
+            cfg.output_dir, self.steps * cfg.batch_tokens, self.tokens, par.is_main, cfg.wandb_mode,
+            cfg.wandb_project, {"train": vars(cfg)},
+        )
         stop = StopRequested()
         next_save = self._next_save_point()
         window_start, window_tokens = time.perf_counter(), 0
@@ -290,7 +304,9 @@ class Trainer:
                 if stop_votes > 0:
                     saved = self.save_checkpoint()
                     signum = stop.signum or signal.SIGTERM  # another rank received it
-                    raise Interrupted(signum, f"checkpoint {saved} holds step {self.step}; continue with --resume.")
+                    raise Interrupted(
+                        signum, f"checkpoint {saved} holds step {self.step}; continue with --resume."
+                    )
                 if next_save is not None and self.tokens >= next_save and self.step < self.steps:
                     self.save_checkpoint()
                     next_save += cfg.save_every
@@ -334,8 +350,10 @@ class Trainer:
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "data": self.batches.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "dead_counters": {l.module_path: dict(l.sae_tokens_since_fired.items()) for l in layers},
-            "needs_init": {l.module_path: dict(l.sae_needs_init) for l in layers},
+            "dead_counters": {
+                layer.module_path: dict(layer.sae_tokens_since_fired.items()) for layer in layers
+            },
+            "needs_init": {layer.module_path: dict(layer.sae_needs_init) for layer in layers},
         }
         return save_checkpoint(self.cfg.output_dir, self.step, self.par, self._save_adapter, state,
                                self.cfg.to_json())
@@ -348,7 +366,9 @@ class Trainer:
         for key, param in own.items():
             saved_key = key.removesuffix(".default")
             if saved_key not in adapter:
-                raise ValueError(f"Checkpoint {checkpoint} has no {saved_key}: it was written for other target modules.")
+                raise ValueError(
+                    f"Checkpoint {checkpoint} has no {saved_key}: it was written for other target modules."
+                )
             whole = adapter[saved_key]  # the saved adapter is whole; a latent-parallel rank keeps its rows
             param.copy_(whole if whole.shape == param.shape else shard_rows(whole, self.par.tp_group))
         saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
@@ -370,17 +390,21 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
 
     def _reshard_optimizer_state(self, state: dict, reshard) -> dict:
-        """`state` (an optimizer state dict) with the per-latent moments of latent-parallel SAEs passed through
-        `reshard`: gather_rows to save them whole, shard_rows to keep this rank's latents of whole ones. The
-        optimizer's own moments are never modified."""
+        """`state` (an optimizer state dict) with the per-latent moments of latent-parallel SAEs passed
+        through `reshard`: gather_rows to save them whole, shard_rows to keep this rank's latents of whole
+        ones. The optimizer's own moments are never modified."""
         if self.par.tp_group is None:
             return state
         sharded = sharded_parameters(self.model)
         per_param = dict(state["state"])
         for index, param in enumerate(self.params):
             if id(param) in sharded and index in per_param:
-                per_param[index] = {key: reshard(value, self.par.tp_group) if torch.is_tensor(value) and value.dim()
-                                    else value for key, value in per_param[index].items()}
+                per_param[index] = {
+                    key: (
+                        reshard(value, self.par.tp_group) if torch.is_tensor(value) and value.dim() else value
+                    )
+                    for key, value in per_param[index].items()
+                }
         return {**state, "state": per_param}
 
     def _broadcast_object(self, obj):
