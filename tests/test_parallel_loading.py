@@ -14,7 +14,7 @@ from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.parallel import init_distributed
 from megasae.parallel.loading import load_host_tensor_parallel, load_sharded_host
 from megasae.parallel.pipeline import PipelineStage, stage_targets
-from megasae.parallel.plans import stage_layers
+from megasae.parallel.architectures import stage_layers
 
 from data_fixtures import tiny_qwen25vl_processor, tiny_text_tokenizer
 from distributed import run_ranks
@@ -124,7 +124,7 @@ def _stage_rank(rank, world_size, path, tp, inputs, expected):
     assert meta == (["lm_head.weight"] if par.pp_rank == 0 else [])  # a later stage has no LM head at all
     stage = PipelineStage(host, par, last_layer=3)
     torch.manual_seed(0)
-    [target] = stage_targets(STAGE_TARGETS, 3, par)
+    [target] = stage_targets(stage.arch, STAGE_TARGETS, 3, par)
     model = get_peft_sae_model(host, TopKSaeConfig(k=4, num_latents=32, target_modules=[target])).train()
     with model.capture(token_mask=inputs["attention_mask"].bool()) as outputs:
         hidden = stage.forward(model, **inputs)

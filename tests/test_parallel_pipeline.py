@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.parallel import ParallelState, init_distributed, shard_model
+from megasae.parallel.architectures import ARCHITECTURES
 from megasae.parallel.pipeline import PipelineStage, stage_targets
 
 from data_fixtures import tiny_qwen25vl_processor
@@ -16,6 +17,7 @@ from parallel_hosts import SMALL, hidden_after, image_chat_inputs, tiny_qwen25vl
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 TARGETS = ["model.layers.1", "model.layers.3"]
+LLAMA = ARCHITECTURES["llama"]
 
 
 def four_layer_llama() -> LlamaForCausalLM:
@@ -64,7 +66,7 @@ def test_pp2_qwen25vl_threads_multimodal_rope_positions():
 def _sae_rank(rank, world_size, host, inputs, expected):
     par = init_distributed("cpu", pp=2)
     stage = PipelineStage(host, par, last_layer=3)
-    [target] = stage_targets(TARGETS, 3, par)
+    [target] = stage_targets(stage.arch, TARGETS, 3, par)
     assert target == TARGETS[par.pp_rank]
     model = _sae(host, [target])
     # The one-process reference drew both SAEs from one seed; give this stage's SAE the same weights.
@@ -94,6 +96,6 @@ def test_pp2_sae_lives_on_the_stage_that_owns_its_target():
 
 def test_a_target_no_stage_owns_is_refused():
     par = ParallelState(rank=1, world_size=2, pp_size=2)
-    assert stage_targets(TARGETS, 3, par) == ["model.layers.3"]
+    assert stage_targets(LLAMA, TARGETS, 3, par) == ["model.layers.3"]
     with pytest.raises(ValueError, match=r"'model.layers.3' is in decoder layer 3, which no pipeline stage owns"):
-        stage_targets(TARGETS, 2, par)
+        stage_targets(LLAMA, TARGETS, 2, par)

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditional
 
 from megasae.cli import main as cli_main
 from megasae.parallel import shard_model
-from megasae.parallel.plans import stage_layers
+from megasae.parallel.architectures import stage_layers
 from megasae.plan import PlanConfig, estimate
 
 from parallel_hosts import SMALL, decoder_layers

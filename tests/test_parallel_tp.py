@@ -7,7 +7,7 @@ from transformers import Qwen2_5_VLConfig
 
 from megasae.parallel import check_parallel_sizes, init_distributed, shard_model
 from megasae.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megasae.parallel.plans import Layout
+from megasae.parallel.architectures import Layout
 
 from data_fixtures import tiny_qwen25vl_processor
 from distributed import run_ranks

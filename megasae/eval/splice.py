@@ -56,7 +56,7 @@ class EvalHost:
         if par.pp_size > 1:
             last_layer = host.config.get_text_config().num_hidden_layers - 1  # to the logits: every layer
             self.stage = PipelineStage(host, par, last_layer)
-            mine = stage_targets(adapter_targets(cfg.adapter), last_layer, par)
+            mine = stage_targets(self.stage.arch, adapter_targets(cfg.adapter), last_layer, par)
         self.model, self.layers = _attach_adapter(host, cfg.adapter, par, mine)
         self.targets = list(self.layers) if self.stage is None else adapter_targets(cfg.adapter)
 

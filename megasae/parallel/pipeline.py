@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
+from megasae.parallel.architectures import Architecture, architecture, stage_layers
 from megasae.parallel.distributed import ParallelState
-from megasae.parallel.plans import DECODER_LAYERS, plan_for, stage_layers, target_layer
 from megasae.peft import PeftSaeModel
 from megasae.peft.layer import StopForward
 
@@ -40,23 +40,23 @@ class _Slot:
     dtype: torch.dtype
 
 
-def stage_targets(target_modules: list[str], last_layer: int, par: ParallelState) -> list[str]:
+def stage_targets(
+    arch: Architecture, target_modules: list[str], last_layer: int, par: ParallelState
+) -> list[str]:
     """The targets inside this rank's stage (the SAEs it trains); every target must be in some stage."""
     for name in target_modules:
-        if target_layer(name) > last_layer:
+        if arch.layer_of(name) > last_layer:
             raise ValueError(
-                f"Target {name!r} is in decoder layer {target_layer(name)}, which no pipeline stage owns: "
+                f"Target {name!r} is in decoder layer {arch.layer_of(name)}, which no pipeline stage owns: "
                 f"the stages cover layers 0-{last_layer}; build them up to the last target's layer."
             )
     mine = stage_layers(last_layer + 1, par.pp_size)[par.pp_rank]
-    return [name for name in target_modules if target_layer(name) in mine]
+    return [name for name in target_modules if arch.layer_of(name) in mine]
 
 
 def tail_modules(host: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """What the host runs after its decoder layers: the final norm (named `norm`, beside the layers, in every
-    architecture of DECODER_LAYERS) and the LM head."""
-    decoder = DECODER_LAYERS[host.config.model_type]
-    return host.get_submodule(f"{decoder.rpartition('.')[0]}.norm"), host.get_output_embeddings()
+    """What the host runs after its decoder layers: the final norm and the LM head."""
+    return host.get_submodule(architecture(host.config).final_norm), host.get_output_embeddings()
 
 
 def run_to_targets(model: nn.Module, stage: PipelineStage | None, inputs: dict, **options) -> dict:
@@ -83,9 +83,9 @@ class PipelineStage:
     """This rank's stage of a host whose decoder layers are split over the pipeline group."""
 
     def __init__(self, host: nn.Module, par: ParallelState, last_layer: int):
-        plan_for(host.config)  # a clear error for unsupported architectures
+        self.arch = architecture(host.config)  # a clear error for unsupported architectures
         self.host = host
-        self.layers: nn.ModuleList = host.get_submodule(DECODER_LAYERS[host.config.model_type])
+        self.layers: nn.ModuleList = host.get_submodule(self.arch.decoder)
         self.stages = stage_layers(last_layer + 1, par.pp_size)
         self.mine = self.stages[par.pp_rank]
         self.index, self.count = par.pp_rank, par.pp_size
@@ -103,7 +103,7 @@ class PipelineStage:
 
     def owner(self, module_path: str) -> int:
         """The rank in the stage owning target `module_path` at this rank's place there (the same TP rank)."""
-        stage = next(s for s, layers in enumerate(self.stages) if target_layer(module_path) in layers)
+        stage = next(s for s, layers in enumerate(self.stages) if self.arch.layer_of(module_path) in layers)
         return self.rank + self.stride * (stage - self.index)
 
     def forward(self, model: nn.Module, **inputs) -> Tensor | None:

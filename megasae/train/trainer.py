@@ -23,13 +23,13 @@ from megasae.data import build_batches, open_source
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.models import compile_blocks, load_host_model
 from megasae.parallel import ParallelState, init_distributed, sum_gradients, sum_over_ranks
+from megasae.parallel.architectures import architecture
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
 from megasae.parallel.distributed import clip_grad_norm_
 from megasae.parallel.latents import gather_rows, shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
-from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.errors import Interrupted
 from megasae.files import staging_directory
@@ -134,9 +134,10 @@ class Trainer:
         )
         self.stage, targets = None, list(cfg.target_modules)
         if self.par.pp_size > 1:
-            last_layer = max(target_layer(name) for name in targets)
+            arch = architecture(host.config)
+            last_layer = max(arch.layer_of(name) for name in targets)
             self.stage = PipelineStage(host, self.par, last_layer)
-            targets = stage_targets(targets, last_layer, self.par)
+            targets = stage_targets(arch, targets, last_layer, self.par)
         self.host = host
         torch.manual_seed(cfg.seed)  # each SAE's init derives from it (and its module path) on every rank
         # A pipeline stage that owns no target has no SAE: it only relays the hidden state.
