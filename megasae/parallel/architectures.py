@@ -1,8 +1,8 @@
 """One architecture spec per model_type: all that megasae knows about a host family, in one place.
 
 A spec says where the text model's decoder layers and final norm are, which tensor-parallel style each
-module gets (module-name patterns -> style objects; modules no pattern names stay replicated), which
-older names a checkpoint may use, and in which decoder layer a module sits.
+module gets (module-name patterns -> style objects; modules no pattern names stay replicated), how the
+logits are capped, which older names a checkpoint may use, and in which decoder layer a module sits.
 Adding a family is adding one `Architecture` to ARCHITECTURES (and its tests).
 
 Each style both splits a module over the TP ranks (`shard`) and counts the parameters a rank keeps of it
@@ -175,14 +175,19 @@ class Row(Style):
                                  **_kw(module))
 
 
+@dataclass(frozen=True)
 class Vocab(Style):
+    scaled: bool = False
+    """Whether the embedding multiplies its rows by its `embed_scale` buffer (Gemma: sqrt(hidden))."""
+
     def slices(self, module, layout, rank):
         return {"weight": Slice(0, *layout.vocab_rows(rank))}
 
     def build(self, module, slices, group):
         rows = slices["weight"]
+        scale = module.embed_scale.clone() if self.scaled else None
         return VocabParallelEmbedding(rows.start, rows.stop - rows.start, module.embedding_dim, group,
-                                      **_kw(module))
+                                      scale=scale, **_kw(module))
 
 
 class Heads(Style):
@@ -200,10 +205,10 @@ class Heads(Style):
         return module, {}
 
 
-def decoder_styles() -> tuple[tuple[str, Style], ...]:
+def decoder_styles(embedding: Style = Vocab()) -> tuple[tuple[str, Style], ...]:
     """The Megatron split of a Llama-like text model, patterns relative to the text model."""
     return (
-        (r"embed_tokens", Vocab()),
+        (r"embed_tokens", embedding),
         (r"layers\.\d+\.self_attn", Heads()),
         (r"layers\.\d+\.self_attn\.q_proj", Column()),
         (r"layers\.\d+\.self_attn\.[kv]_proj", ColumnKV()),
@@ -226,6 +231,8 @@ class Architecture:
     """(pattern relative to the text model, style); the first match wins."""
     legacy_names: tuple[tuple[str, str], ...] = ()
     """(pattern of today's parameter name, its older spelling) tried when a checkpoint lacks today's name."""
+    logit_softcap: str | None = None
+    """Config field by which the host caps its logits, cap * tanh(logits / cap), after the LM head."""
 
     @property
     def decoder(self) -> str:
@@ -259,12 +266,19 @@ class Architecture:
             )
         return layer
 
+    def cap_logits(self, config: PretrainedConfig, logits: Tensor) -> Tensor:
+        cap = getattr(config.get_text_config(), self.logit_softcap) if self.logit_softcap else None
+        return logits if cap is None else cap * (logits / cap).tanh()
+
 
 ARCHITECTURES = {
     spec.model_type: spec
     for spec in (
         Architecture("llama", "model"),
         Architecture("qwen2", "model"),
+        Architecture("qwen3", "model"),  # q_norm / k_norm (over head_dim) act per head: replicated
+        Architecture("gemma2", "model", decoder_styles(Vocab(scaled=True)),
+                     logit_softcap="final_logit_softcapping"),
         # Checkpoints written before transformers 5 name the text model "model." and the tower "visual.".
         Architecture(
             "qwen2_5_vl",
