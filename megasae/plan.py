@@ -1,9 +1,11 @@
 """`megasae plan`: per-rank memory of a tensor/pipeline-parallel run, from the host's config.json alone.
 
 Per pipeline stage (every TP rank of a stage holds the same amount):
-- host weights: the stage's decoder layers (q/o and MLP split over tp; k/v split, or one KV head per
-  rank when kv_heads < tp; norms replicated); stage 0 adds the vocab-parallel embedding and the
-  replicated vision tower. Layers after the last target, the final norm and the LM head are not loaded.
+- host weights: the stage's decoder layers, each module counted by its tensor-parallel style
+  (megasae.parallel.architectures: q/o and MLP split over tp; k/v split, or one KV head per rank when
+  kv_heads < tp; norms replicated) on the modules transformers builds from the config on the meta device
+  (no memory); stage 0 adds the vocab-parallel embedding and whatever else precedes the layers (a
+  replicated vision tower). Layers after the last target, the final norm and the LM head are not loaded.
 - host activations: the tensors alive at once inside one decoder layer with a fused attention kernel
   (no L x L scores): N (3 d + 2 (q_local + kv_local) head_dim + 3 I / tp) elements, N = micro-batch x ctx-len.
 - SAE weights (fp32): each target's W_enc, W_dec (M/tp x d), b_enc (M/tp), b_dec (d), plus its int64
@@ -14,14 +16,17 @@ Per pipeline stage (every TP rank of a stage holds the same amount):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 import tyro
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
-from megasae.parallel.plans import Layout, stage_layers, target_layer
+from megasae.models.loading import _is_image_text
+from megasae.parallel.architectures import Architecture, Layout, architecture, stage_layers
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -79,42 +84,38 @@ class StageMemory:
         )
 
 
-def decoder_layer_params(text: PretrainedConfig, layout: Layout) -> int:
-    """Parameters of one decoder layer on one TP rank."""
-    d, hd = text.hidden_size, layout.head_dim
-    q, kv = layout.local_q_heads * hd, layout.local_kv_heads * hd
-    if text.model_type == "llama":
-        qkv_bias = o_bias = text.attention_bias
-    else:  # Qwen2 and the Qwen2.5-VL text model: q/k/v carry biases, o_proj does not
-        qkv_bias, o_bias = True, False
-    mlp = 3 * d * layout.intermediate_size // layout.tp
-    return d * (q + 2 * kv) + qkv_bias * (q + 2 * kv) + q * d + o_bias * d + mlp + 2 * d
-
-
-def vision_params(vision: PretrainedConfig | None) -> int:
-    """Parameters of a Qwen2.5-VL vision tower (replicated): patch embedding, blocks, patch merger."""
-    if vision is None:
-        return 0
-    h, inner = vision.hidden_size, vision.intermediate_size
-    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * h
-    block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (2 * (h * inner + inner) + inner * h + h)
-    merged = h * vision.spatial_merge_size**2
-    merger = h + (merged * merged + merged) + (merged * vision.out_hidden_size + vision.out_hidden_size)
-    return patch + vision.depth * block + merger
+def host_params(config: PretrainedConfig, arch: Architecture, layout: Layout) -> tuple[list[int], int]:
+    """Parameters one TP rank holds of each decoder layer of `config`, and of what precedes the layers."""
+    with torch.device("meta"):  # shapes only: nothing allocated, not even briefly
+        auto_cls = AutoModelForImageTextToText if _is_image_text(config) else AutoModelForCausalLM
+        model = auto_cls.from_config(config)
+    tail = {arch.final_norm, next(n for n, m in model.named_modules() if m is model.get_output_embeddings())}
+    per_layer, before = [0] * config.get_text_config().num_hidden_layers, 0
+    for name, module in model.named_modules():
+        style = arch.style_of(name)
+        params = style.count(module, layout) if style else sum(p.numel() for p in module.parameters(False))
+        if (layer := arch.decoder_layer(name)) is not None:
+            per_layer[layer] += params
+        elif name not in tail:
+            before += params
+    return per_layer, before
 
 
 def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
-    text = config.get_text_config()
+    config = copy.deepcopy(config)  # truncated below
+    text, arch = config.get_text_config(), architecture(config)
     layout = Layout.from_config(config, cfg.tp)
     layout.check(config.model_type)
     by_layer: dict[int, list[str]] = {}
     for name in cfg.target_modules:
-        by_layer.setdefault(target_layer(name), []).append(name)
+        by_layer.setdefault(arch.layer_of(name), []).append(name)
     last = max(by_layer)
     if last >= text.num_hidden_layers:
         raise ValueError(
             f"Target layer {last} does not exist: the host has {text.num_hidden_layers} decoder layers."
         )
+    text.num_hidden_layers = last + 1  # as the loader: later layers are never built
+    per_layer, before = host_params(config, arch, layout)
     d, host_bytes = text.hidden_size, BYTES[cfg.dtype]
     tokens = cfg.micro_batch_size * cfg.ctx_len
     num_latents = cfg.num_latents or cfg.expansion_factor * d
@@ -130,10 +131,7 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
     sae_activations = tokens * (16 * d + 12 * cfg.tp * (cfg.k + max(d // 2, 1)))
     stages = []
     for stage, layers in enumerate(stage_layers(last + 1, cfg.pp)):
-        params = len(layers) * decoder_layer_params(text, layout)
-        if stage == 0:
-            vocab_start, vocab_stop = layout.vocab_rows(0)
-            params += (vocab_stop - vocab_start) * d + vision_params(getattr(config, "vision_config", None))
+        params = sum(per_layer[i] for i in layers) + (before if stage == 0 else 0)
         targets = tuple(name for i in layers for name in by_layer.get(i, []))
         n = len(targets)
         stages.append(

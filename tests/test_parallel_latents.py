@@ -8,8 +8,8 @@ import torch.distributed as dist
 from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
 from megasae.parallel.adapter import save_adapter, shard_saes
 
-from helpers import TwoLayerMLP
 from distributed import run_ranks
+from helpers import TwoLayerMLP
 
 CONFIG = dict(k=3, num_latents=24, target_modules=["down"], dead_tokens_threshold=5)
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)

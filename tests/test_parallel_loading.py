@@ -2,23 +2,32 @@
 last target layer, and gives the single-process hidden states (fp32; rtol 1e-5, atol 1e-5). Under pipeline
 parallelism (PP 2, TP 2 x PP 2) each rank reads only its stage's decoder layers, later stages nothing
 before them (embedding, vision tower), and every stage gives the single-process hidden state; loaded for
-evaluation (to the logits) the final norm and LM head are on the last stage only."""
+evaluation (to the logits) the final norm and LM head are on the last stage only, which gives the
+single-process logits (Gemma 2: read from its tied, scaled embedding, and capped)."""
 
 import re
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.parallel import init_distributed
+from megasae.parallel.architectures import stage_layers
 from megasae.parallel.loading import load_host_tensor_parallel, load_sharded_host
 from megasae.parallel.pipeline import PipelineStage, stage_targets
-from megasae.parallel.plans import stage_layers
 
 from data_fixtures import tiny_qwen25vl_processor, tiny_text_tokenizer
 from distributed import run_ranks
-from parallel_hosts import SMALL, decoder_layers, hidden_after, image_chat_inputs, tiny_llama, tiny_qwen25vl
+from parallel_hosts import (
+    TEXT_HOSTS,
+    decoder_layers,
+    hidden_after,
+    image_chat_inputs,
+    tiny_llama,
+    tiny_qwen25vl,
+)
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -124,7 +133,7 @@ def _stage_rank(rank, world_size, path, tp, inputs, expected):
     assert meta == (["lm_head.weight"] if par.pp_rank == 0 else [])  # a later stage has no LM head at all
     stage = PipelineStage(host, par, last_layer=3)
     torch.manual_seed(0)
-    [target] = stage_targets(STAGE_TARGETS, 3, par)
+    [target] = stage_targets(stage.arch, STAGE_TARGETS, 3, par)
     model = get_peft_sae_model(host, TopKSaeConfig(k=4, num_latents=32, target_modules=[target])).train()
     with model.capture(token_mask=inputs["attention_mask"].bool()) as outputs:
         hidden = stage.forward(model, **inputs)
@@ -135,28 +144,32 @@ def _stage_rank(rank, world_size, path, tp, inputs, expected):
     tail = {"model.norm", "lm_head"} if par.pp_rank == 1 else {"model.embed_tokens"}
     assert _owners(whole, "model.layers") == set(mine) | tail
     assert not any(p.is_meta for p in whole.parameters())
+    logits = PipelineStage(whole, par, last_layer=3).logits(whole, **inputs)
+    if par.pp_rank == 1:
+        torch.testing.assert_close(logits, expected[2], **TOLERANCE)
 
 
-def _save_four_layer_llama(path):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, num_key_value_heads=2, **dict(SMALL, num_hidden_layers=4))
-    model = LlamaForCausalLM(config)
-    model.eval().save_pretrained(path, max_shard_size="100KB")
+def _save_four_layers(path, family="llama"):
+    model = TEXT_HOSTS[family](kv_heads=2, num_hidden_layers=4)
+    model.save_pretrained(path, max_shard_size="100KB")
     tiny_text_tokenizer().save_pretrained(path)  # load_host_tensor_parallel returns the tokenizer too
     ids = torch.randint(0, 96, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
-    return inputs, [hidden_after(model, 1, inputs), hidden_after(model, 3, inputs)]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return inputs, [hidden_after(model, 1, inputs), hidden_after(model, 3, inputs), logits]
 
 
 def test_pp2_stages_read_only_their_layers(tmp_path):
-    inputs, expected = _save_four_layer_llama(tmp_path)
+    inputs, expected = _save_four_layers(tmp_path)
     run_ranks(_stage_rank, 2, tmp_path, 1, inputs, expected)
 
 
-def test_tp2_pp2_stages_read_only_their_slices_of_their_layers(tmp_path):
-    inputs, expected = _save_four_layer_llama(tmp_path)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_tp2_pp2_stages_read_only_their_slices_of_their_layers(tmp_path, family):
+    inputs, expected = _save_four_layers(tmp_path, family)
     run_ranks(_stage_rank, 4, tmp_path, 2, inputs, expected)
 
 

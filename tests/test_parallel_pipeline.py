@@ -1,26 +1,27 @@
 """Forward-only pipeline: two stages (and two stages of two TP ranks) give the single-process hidden states
-after each stage's last layer, and an SAE on the stage owning its target gives the single-process SAE
-(fp32; rtol 1e-5, atol 1e-5)."""
+after each stage's last layer and the single-process logits on the last stage, for every text family (Gemma
+2: layers of different attention kinds on one stage, capped logits), and an SAE on the stage owning its
+target gives the single-process SAE (fp32; rtol 1e-5, atol 1e-5)."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.parallel import ParallelState, init_distributed, shard_model
+from megasae.parallel.architectures import ARCHITECTURES
 from megasae.parallel.pipeline import PipelineStage, stage_targets
 
 from data_fixtures import tiny_qwen25vl_processor
 from distributed import run_ranks
-from parallel_hosts import SMALL, hidden_after, image_chat_inputs, tiny_qwen25vl
+from parallel_hosts import TEXT_HOSTS, hidden_after, image_chat_inputs, tiny_qwen25vl
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 TARGETS = ["model.layers.1", "model.layers.3"]
+LLAMA = ARCHITECTURES["llama"]
 
 
-def four_layer_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, num_key_value_heads=2, **dict(SMALL, num_hidden_layers=4)))
+def four_layer(family: str = "llama"):
+    return TEXT_HOSTS[family](kv_heads=2, num_hidden_layers=4)
 
 
 def padded_ids():
@@ -40,31 +41,41 @@ def _hidden_rank(rank, world_size, model, inputs, expected, tp, last_layer):
     shard_model(model, par.tp_group, par.tp_rank, par.tp_size)
     stage = PipelineStage(model, par, last_layer)
     torch.testing.assert_close(stage.forward(model, **inputs), expected[par.pp_rank], **TOLERANCE)
+    logits = stage.logits(model, **inputs)  # the stages cover every layer: the last runs the tail
+    if stage.is_last:
+        torch.testing.assert_close(logits, expected[2], **TOLERANCE)
+    else:
+        assert logits is None
 
 
-def test_pp2_llama_threads_masks_and_rotary_positions():
-    model, inputs = four_layer_llama(), padded_ids()
-    expected = [hidden_after(model, 1, inputs), hidden_after(model, 3, inputs)]
-    run_ranks(_hidden_rank, 2, model, inputs, expected, 1, 3)
+def _expected(model, inputs, layers):
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return [*(hidden_after(model, i, inputs) for i in layers), logits]
 
 
-def test_tp2_pp2_llama_on_four_ranks():
-    model, inputs = four_layer_llama(), padded_ids()
-    expected = [hidden_after(model, 1, inputs), hidden_after(model, 3, inputs)]
-    run_ranks(_hidden_rank, 4, model, inputs, expected, 2, 3)
+@pytest.mark.parametrize("family", TEXT_HOSTS)
+def test_pp2_threads_masks_and_rotary_positions(family):
+    model, inputs = four_layer(family), padded_ids()
+    run_ranks(_hidden_rank, 2, model, inputs, _expected(model, inputs, (1, 3)), 1, 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_tp2_pp2_on_four_ranks(family):
+    model, inputs = four_layer(family), padded_ids()
+    run_ranks(_hidden_rank, 4, model, inputs, _expected(model, inputs, (1, 3)), 2, 3)
 
 
 def test_pp2_qwen25vl_threads_multimodal_rope_positions():
     processor = tiny_qwen25vl_processor()
     model, inputs = tiny_qwen25vl(processor), image_chat_inputs(processor)
-    expected = [hidden_after(model, 0, inputs), hidden_after(model, 1, inputs)]
-    run_ranks(_hidden_rank, 2, model, inputs, expected, 1, 1)
+    run_ranks(_hidden_rank, 2, model, inputs, _expected(model, inputs, (0, 1)), 1, 1)
 
 
 def _sae_rank(rank, world_size, host, inputs, expected):
     par = init_distributed("cpu", pp=2)
     stage = PipelineStage(host, par, last_layer=3)
-    [target] = stage_targets(TARGETS, 3, par)
+    [target] = stage_targets(stage.arch, TARGETS, 3, par)
     assert target == TARGETS[par.pp_rank]
     model = _sae(host, [target])
     # The one-process reference drew both SAEs from one seed; give this stage's SAE the same weights.
@@ -78,8 +89,8 @@ def _sae_rank(rank, world_size, host, inputs, expected):
 
 
 def test_pp2_sae_lives_on_the_stage_that_owns_its_target():
-    host, inputs = four_layer_llama(), padded_ids()
-    reference = _sae(four_layer_llama(), TARGETS)
+    host, inputs = four_layer(), padded_ids()
+    reference = _sae(four_layer(), TARGETS)
     with reference.capture(token_mask=inputs["attention_mask"].bool()) as outputs:
         reference(**inputs)
     expected = {}
@@ -94,6 +105,6 @@ def test_pp2_sae_lives_on_the_stage_that_owns_its_target():
 
 def test_a_target_no_stage_owns_is_refused():
     par = ParallelState(rank=1, world_size=2, pp_size=2)
-    assert stage_targets(TARGETS, 3, par) == ["model.layers.3"]
+    assert stage_targets(LLAMA, TARGETS, 3, par) == ["model.layers.3"]
     with pytest.raises(ValueError, match=r"'model.layers.3' is in decoder layer 3, which no pipeline stage owns"):
-        stage_targets(TARGETS, 2, par)
+        stage_targets(LLAMA, TARGETS, 2, par)

@@ -8,10 +8,10 @@ from transformers import LlamaConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditional
 
 from megasae.cli import main as cli_main
 from megasae.parallel import shard_model
-from megasae.parallel.plans import stage_layers
+from megasae.parallel.architectures import stage_layers
 from megasae.plan import PlanConfig, estimate
 
-from parallel_hosts import SMALL, decoder_layers
+from parallel_hosts import SMALL, TEXT_HOSTS, decoder_layers
 
 VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64)
 
@@ -30,6 +30,34 @@ def test_host_weights_equal_the_sharded_modules(tp):
     cfg = PlanConfig(model=None, tp=tp, target_modules=("model.language_model.layers.0",), dtype="float32")
     [stage] = estimate(cfg, config)
     assert stage.host_weights == 4 * real
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("family", TEXT_HOSTS)
+def test_text_families_host_weights_equal_the_sharded_modules(family, tp):
+    """Gemma 2's four norms per layer and tied embedding, Qwen 3's per-head q/k norms, Qwen2's q/k/v biases;
+    at tp 4 each of the two KV heads is held by two ranks."""
+    model = TEXT_HOSTS[family](kv_heads=2)
+    config = model.config
+    shard_model(model, None, 0, tp)
+    real = _numel([decoder_layers(model)[0], model.model.embed_tokens])
+    cfg = PlanConfig(model=None, tp=tp, target_modules=("model.layers.0",), dtype="float32")
+    [stage] = estimate(cfg, config)
+    assert stage.host_weights == 4 * real
+
+
+def test_gemma2_2b_tp2_host_weights_by_hand(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "num_hidden_layers": 26, "vocab_size": 256000,
+    }))
+    cli_main(["plan", "--model", str(tmp_path), "--tp", "2", "--target-modules", "model.layers.12"])
+    out = capsys.readouterr().out
+    # Per rank: 13 layers of 2304 * 1024 (q) + 2 * 2304 * 512 (k, v) + 1024 * 2304 (o) + 3 * 2304 * 4608 (MLP)
+    # + 4 * 2304 (norms) = 38,937,600 parameters; half the (tied) embedding, 128000 * 2304.
+    params = 13 * 38_937_600 + 128_000 * 2304
+    assert f"{2 * params / 1024**3:.2f}" in out  # 1.49 GiB of bf16
+    assert out.startswith("gemma2: 26 layers, hidden 2304, 8 query / 4 KV heads")
 
 
 def test_hand_computed_tp2_pp2():

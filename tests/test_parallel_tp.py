@@ -6,12 +6,19 @@ import torch
 from transformers import Qwen2_5_VLConfig
 
 from megasae.parallel import check_parallel_sizes, init_distributed, shard_model
+from megasae.parallel.architectures import Layout
 from megasae.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megasae.parallel.plans import Layout
 
 from data_fixtures import tiny_qwen25vl_processor
 from distributed import run_ranks
-from parallel_hosts import decoder_layers, hidden_after, image_chat_inputs, tiny_llama, tiny_qwen2, tiny_qwen25vl
+from parallel_hosts import (
+    TEXT_HOSTS,
+    decoder_layers,
+    hidden_after,
+    image_chat_inputs,
+    tiny_llama,
+    tiny_qwen25vl,
+)
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -32,13 +39,16 @@ def _case(model, inputs, kv_rows):
     return model, inputs, hidden_after(model, 1, inputs), kv_rows
 
 
-def test_llama_and_qwen2_text_models():
+@pytest.mark.parametrize("family", ["llama-qwen2", "gemma2-qwen3"])
+def test_text_models(family):
+    """Each pair: one KV head of two per rank, then one KV head replicated on both."""
     ids = torch.randint(0, 96, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the attention mask is threaded through the sharded attention
+    two_kv, one_kv = (TEXT_HOSTS[name] for name in family.split("-"))
     run_ranks(_tp_rank, 2, [
-        _case(tiny_llama(kv_heads=2), {"input_ids": ids}, kv_rows=16),  # one of two KV heads per rank
-        _case(tiny_qwen2(kv_heads=1), {"input_ids": ids, "attention_mask": mask}, kv_rows=16),  # replicated
+        _case(two_kv(kv_heads=2), {"input_ids": ids}, kv_rows=16),
+        _case(one_kv(kv_heads=1), {"input_ids": ids, "attention_mask": mask}, kv_rows=16),
     ])
 
 

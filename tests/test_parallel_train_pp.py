@@ -1,7 +1,8 @@
 """`megasae train --pp 2`: the host's layers split over two pipeline stages (and over TP = 2 x PP = 2 on four
-ranks) train the same adapter, and log the same metrics (held-out ones included), as one process; a stage
-that owns no target relays the hidden state. fp32, 4 Adam steps; tolerance rtol 1e-4, atol 1e-4 as for TP
-(the gradient-norm all-reduce reorders a sum). Resuming restores each stage's SAEs and Adam state exactly."""
+ranks, for Llama, Gemma 2 and Qwen 3 hosts) train the same adapter, and log the same metrics (held-out ones
+included), as one process; a stage that owns no target relays the hidden state. fp32, 4 Adam steps;
+tolerance rtol 1e-4, atol 1e-4 as for TP (the gradient-norm all-reduce reorders a sum). Resuming restores
+each stage's SAEs and Adam state exactly."""
 
 import json
 
@@ -12,7 +13,9 @@ from safetensors.torch import load_file
 from megasae.parallel import ParallelState
 from megasae.train import Trainer
 
+from data_fixtures import tiny_text_tokenizer
 from distributed import run_ranks
+from parallel_hosts import TEXT_HOSTS
 from test_parallel_train import _config, text_rows, train_and_resume_rank
 
 
@@ -50,7 +53,23 @@ def test_pp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path, targets)
     assert "eval/fvu" in records(tmp_path / "pp2")[1]
 
 
-def test_tp2_pp2_on_four_ranks(host_dir, tmp_path):
+@pytest.fixture(params=["llama", "gemma2", "qwen3"])
+def family_host_dir(request, host_dir, tmp_path):
+    """The tests' Llama host directory, or one of another family of the same size (3 layers, hidden 32)."""
+    if request.param == "llama":
+        return host_dir
+    tokenizer = tiny_text_tokenizer()
+    TEXT_HOSTS[request.param](
+        kv_heads=2, hidden_size=32, intermediate_size=64, num_hidden_layers=3, head_dim=8,
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    ).save_pretrained(tmp_path / "host")
+    tokenizer.save_pretrained(tmp_path / "host")
+    return tmp_path / "host"
+
+
+def test_tp2_pp2_on_four_ranks(family_host_dir, tmp_path):
+    """Gemma 2's second stage holds a global and a sliding-window layer (window 4 < 16 tokens)."""
+    host_dir = family_host_dir
     targets = ("model.layers.0", "model.layers.2")
     data = text_rows(tmp_path / "text.parquet")
     Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets)).fit()

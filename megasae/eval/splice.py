@@ -46,7 +46,7 @@ class EvalHost:
         if par.pp_size > 1:
             last_layer = host.config.get_text_config().num_hidden_layers - 1  # to the logits: every layer
             self.stage = PipelineStage(host, par, last_layer)
-            mine = stage_targets(list(self.saes.saes), last_layer, par)
+            mine = stage_targets(self.stage.arch, list(self.saes.saes), last_layer, par)
         self.model, self.layers = _attach_adapter(host, cfg.adapter, self.saes.config, par, mine)
         self.targets = list(self.layers) if self.stage is None else list(self.saes.saes)
 

@@ -7,8 +7,8 @@ eager mode, and fuses what eager runs op by op (norms, rotary embeddings, the ga
 
 from __future__ import annotations
 
-from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

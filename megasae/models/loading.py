@@ -127,10 +127,12 @@ def _is_image_text(config) -> bool:
     )
 
 
-def _attn_implementation(device: torch.device) -> str:
+def _attn_implementation(device: torch.device) -> str | None:
+    """flash-attn on a GPU that has it, else transformers' choice: sdpa where the architecture supports it,
+    eager where it does not (Gemma 2, whose attention caps its scores)."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def cache_dir() -> Path:

@@ -28,16 +28,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from megasae.models.loading import _attn_implementation, _is_image_text, hf_model_dir, load_processor
+from megasae.parallel.architectures import Architecture, Slice, architecture, stage_layers
 from megasae.parallel.distributed import ParallelState
 from megasae.parallel.pipeline import tail_modules
-from megasae.parallel.plans import DECODER_LAYERS, stage_layers, target_layer
-from megasae.parallel.shard import Slice, shard_model
+from megasae.parallel.shard import shard_model
 
-# Checkpoints written before transformers 5 name Qwen2.5-VL's modules as the model did then:
-# (pattern of today's name, its old spelling) tried when the checkpoint lacks today's name.
-LEGACY_NAMES = {
-    "qwen2_5_vl": ((r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")),
-}
 UNREAD = ("lm_head.",)
 
 
@@ -53,10 +48,10 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def _checkpoint_name(name: str, files: dict[str, Path], model_type: str) -> str:
+def _checkpoint_name(name: str, files: dict[str, Path], arch: Architecture) -> str:
     if name in files:
         return name
-    for pattern, old in LEGACY_NAMES.get(model_type, ()):
+    for pattern, old in arch.legacy_names:
         legacy = re.sub(pattern, old, name)
         if legacy in files:
             return legacy
@@ -79,7 +74,7 @@ def _keep_only(model: nn.Module, layers: range, to_logits: bool) -> None:
     LM head are kept by the last stage (layers ending with the decoder's) instead, and by no other.
     Replaced rather than left on the meta device, so that all the parameters such a stage has are real ones
     (`model.parameters()`, `.to()`, `model.device` stay sound)."""
-    path = DECODER_LAYERS[model.config.model_type]
+    path = architecture(model.config).decoder
     decoder = model.get_submodule(path)
     tail = set(tail_modules(model)) if to_logits else set()
     first, last = layers.start == 0, layers.stop == len(decoder)
@@ -114,9 +109,9 @@ def load_sharded_host(
     modules are nn.Identity() (see `_keep_only`)."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    text = config.get_text_config()
+    text, arch = config.get_text_config(), architecture(config)
     if target_modules is not None:
-        last = max(target_layer(name) for name in target_modules)
+        last = max(arch.layer_of(name) for name in target_modules)
         if last >= text.num_hidden_layers:
             raise ValueError(
                 f"Target layer {last} does not exist: {path} has {text.num_hidden_layers} decoder layers."
@@ -138,9 +133,9 @@ def load_sharded_host(
             continue
         if name.startswith(UNREAD) and name not in files:
             # A tied head is stored once, as the embedding: read it whole (the embedding itself is split).
-            source = _checkpoint_name(f"{embedding}.weight", files, config.model_type)
+            source = _checkpoint_name(f"{embedding}.weight", files, arch)
         else:
-            source = _checkpoint_name(name, files, config.model_type)
+            source = _checkpoint_name(name, files, arch)
         tensor = _read(files[source], source, split.get(name)).to(device=device, dtype=dtype)
         module_name, _, param_name = name.rpartition(".")
         model.get_submodule(module_name)._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
@@ -152,9 +147,10 @@ def load_sharded_host(
 
 def _pipelined_layers(model_dir: Path, target_modules: list[str] | None) -> int:
     """How many decoder layers the pipeline splits: up to the last target, or all to reach the logits."""
+    config = AutoConfig.from_pretrained(model_dir)
     if target_modules is None:
-        return AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
-    return max(target_layer(name) for name in target_modules) + 1
+        return config.get_text_config().num_hidden_layers
+    return max(architecture(config).layer_of(name) for name in target_modules) + 1
 
 
 def load_host_tensor_parallel(

@@ -1,64 +1,17 @@
-"""Shard a Hugging Face host in place over a tensor-parallel group, following its plan.
+"""Shard a Hugging Face host in place over a tensor-parallel group, following its architecture spec.
 
-`parallel_module` turns one module into its tensor-parallel form (empty, on the module's device) and
-says which slice of each full parameter it holds; `shard_model` fills it from the full module of a
-loaded host, and leaves a host built on the meta device empty for the slice-reading loader
-(megasae.parallel.loading) to fill from safetensors.
+Each planned module is replaced by its style's tensor-parallel form (megasae.parallel.architectures),
+filled from the full module of a loaded host; a host built on the meta device stays empty for the
+slice-reading loader (megasae.parallel.loading) to fill from safetensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from megasae.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megasae.parallel.plans import Layout, plan_for, style_of
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Indices [start, stop) along `dim` of a full parameter; None in a slice map means the whole tensor."""
-
-    dim: int
-    start: int
-    stop: int
-
-    def of(self, full: Tensor) -> Tensor:
-        return full.narrow(self.dim, self.start, self.stop - self.start)
-
-
-def parallel_module(
-    style: str, module: nn.Module, layout: Layout, rank: int, group: dist.ProcessGroup | None
-) -> tuple[nn.Module, dict[str, Slice | None]]:
-    """The tensor-parallel replacement of `module` (uninitialised) and the slice of each parameter."""
-    kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-    has_bias = getattr(module, "bias", None) is not None
-    if style in ("column", "column_kv"):
-        start, stop = layout.even(module.out_features, rank) if style == "column" else layout.kv_rows(rank)
-        new = ColumnParallelLinear(module.in_features, stop - start, has_bias, group, **kw)
-        rows = Slice(0, start, stop)
-        return new, {"weight": rows, **({"bias": rows} if has_bias else {})}
-    if style == "row":
-        start, stop = layout.even(module.in_features, rank)
-        new = RowParallelLinear(stop - start, module.out_features, has_bias, group, **kw)
-        return new, {"weight": Slice(1, start, stop), **({"bias": None} if has_bias else {})}
-    if style == "vocab":
-        start, stop = layout.vocab_rows(rank)
-        new = VocabParallelEmbedding(start, stop - start, module.embedding_dim, group, **kw)
-        return new, {"weight": Slice(0, start, stop)}
-    raise ValueError(f"Unknown tensor-parallel style {style!r}.")
-
-
-def localise_heads(attention: nn.Module, layout: Layout) -> None:
-    """Make an attention module's head counts this rank's (HF reshapes by head_dim, but GQA reads these)."""
-    if hasattr(attention, "num_heads"):
-        attention.num_heads = layout.local_q_heads
-    if hasattr(attention, "num_key_value_heads"):
-        attention.num_key_value_heads = layout.local_kv_heads
-    attention.num_key_value_groups = layout.local_q_heads // layout.local_kv_heads
+from megasae.parallel.architectures import Layout, Slice, architecture
 
 
 @torch.no_grad()
@@ -72,16 +25,15 @@ def shard_model(model: nn.Module, group: dist.ProcessGroup | None, rank: int, tp
         return {}
     layout = Layout.from_config(model.config, tp)
     layout.check(type(model).__name__)
-    plan = plan_for(model.config)
+    arch = architecture(model.config)
     split: dict[str, Slice] = {}
     for name, module in list(model.named_modules()):
-        style = style_of(plan, name)
+        style = arch.style_of(name)
         if style is None:
             continue
-        if style == "heads":
-            localise_heads(module, layout)
+        new, slices = style.shard(module, layout, rank, group)
+        if new is module:  # changed in place (attention heads)
             continue
-        new, slices = parallel_module(style, module, layout, rank, group)
         for param_name, piece in slices.items():
             full = getattr(module, param_name)
             getattr(new, param_name).copy_(full if piece is None else piece.of(full))

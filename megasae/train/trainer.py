@@ -29,11 +29,11 @@ from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.models.replay import ReplayHost
 from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
 from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
+from megasae.parallel.architectures import architecture
 from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.latents import gather_rows, shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
-from megasae.parallel.plans import target_layer
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.train.cache import CacheConfig
@@ -153,9 +153,10 @@ class Trainer:
         )
         self.stage, targets = None, list(cfg.target_modules)
         if self.par.pp_size > 1:
-            last_layer = max(target_layer(name) for name in targets)
+            arch = architecture(host.config)
+            last_layer = max(arch.layer_of(name) for name in targets)
             self.stage = PipelineStage(host, self.par, last_layer)
-            targets = stage_targets(targets, last_layer, self.par)
+            targets = stage_targets(arch, targets, last_layer, self.par)
         self.host = host
         torch.manual_seed(cfg.seed)  # each SAE's init derives from it (and its module path) on every rank
         # A pipeline stage that owns no target has no SAE: it only relays the hidden state.
