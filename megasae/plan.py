@@ -170,7 +170,8 @@ def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory])
         ),
         "",
         (
-            "GiB per rank  layers   host weights  host act.  SAE weights  SAE grads  Adam state  SAE act.  total"
+            "GiB per rank  layers   host weights  host act.  SAE weights  "
+            "SAE grads  Adam state  SAE act.  total"
             f"  fits {cfg.gpu_memory_gb:g} GiB"
         ),
     ]

@@ -3,6 +3,7 @@
 Fixtures live in conftest.py; this is an ordinary module, imported as `from helpers import ...`.
 """
 
+import dataclasses
 import os
 import signal
 
@@ -17,6 +18,11 @@ from megasae.errors import Interrupted
 from megasae.eval import EvalConfig
 from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
+
+from data_fixtures import write_parquet
+
+# The words of `text_rows`, the parallel training tests' data.
+TEXT_ROW_WORDS = "the cat sat on a mat while dogs ran in parks and birds sang over green hills".split()
 
 WORDS = "a quick brown fox jumps over the lazy dog while seven tired owls hum old songs".split()
 
@@ -117,3 +123,36 @@ def fit_until_sigterm(cfg: TrainConfig, stop_step: int) -> Interrupted:
     with pytest.raises(Interrupted) as stopped:
         trainer.fit()
     return stopped.value
+
+
+def parallel_config(host_dir, data, output_dir, **overrides) -> TrainConfig:
+    """A 4-step training run of the parallel training tests, 128 tokens a step."""
+    fields = dict(model=str(host_dir), data=str(data), target_modules=("model.layers.1",), k=4,
+                  expansion_factor=4, ctx_len=16, micro_batch_size=4, batch_tokens=128, max_tokens=128 * 4,
+                  warmup_steps=1, log_every=1, wandb_mode="disabled", output_dir=output_dir, device="cpu",
+                  dead_tokens_threshold=64, lr=3e-3)
+    return TrainConfig(**dict(fields, **overrides))
+
+
+def text_rows(path):
+    """60 rows of 40 random words of TEXT_ROW_WORDS, written as parquet to `path`."""
+    g = torch.Generator().manual_seed(0)
+    words = TEXT_ROW_WORDS
+    rows = [{"text": " ".join(words[i] for i in torch.randint(0, len(words), (40,), generator=g).tolist())}
+            for _ in range(60)]
+    return write_parquet(path, rows)
+
+
+def train_and_resume_rank(rank, world_size, cfg):
+    trainer = Trainer(cfg)
+    trainer.fit()
+    # Resuming restores this rank's SAEs from the whole adapter of the checkpoint, with its Adam state
+    # (a pipeline stage without SAEs has neither).
+    resumed = Trainer(dataclasses.replace(cfg, resume=True))
+    assert resumed.step == trainer.step
+    for mine, restored in zip(trainer.params, resumed.params, strict=True):
+        assert torch.equal(mine, restored)
+    if trainer.optimizer is not None:
+        states = zip(trainer.optimizer.state.values(), resumed.optimizer.state.values(), strict=True)
+        for mine, restored in states:
+            assert torch.equal(mine["exp_avg"], restored["exp_avg"])

@@ -12,7 +12,6 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
-    LlamaConfig,
     LlamaForCausalLM,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -22,14 +21,15 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import helpers
+
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128)
 
 
 def tiny_llama(kv_heads: int = 2, **config) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    fields = {**SMALL, "vocab_size": 96, "num_key_value_heads": kv_heads, **config}
-    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    """helpers.tiny_llama at this module's size (SMALL, vocab 96)."""
+    return helpers.tiny_llama(**{**SMALL, "vocab_size": 96, "num_key_value_heads": kv_heads, **config})
 
 
 def tiny_qwen2(kv_heads: int = 1, **config) -> Qwen2ForCausalLM:
@@ -100,7 +100,8 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def hidden_after(model, layer: int, inputs: dict) -> torch.Tensor:
-    """The residual stream after decoder layer `layer` (the SAE's target) on `inputs`; the forward stops there."""
+    """The residual stream after decoder layer `layer` (the SAE's target) on `inputs`; the forward stops
+    there."""
     seen = []
 
     def record(module, args, out):

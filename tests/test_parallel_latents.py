@@ -118,5 +118,7 @@ def test_save_under_tp1_load_under_tp2(tmp_path):
 def test_latents_must_divide_over_the_ranks(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # fails before any collective
     model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(**dict(CONFIG, num_latents=25)))
-    with pytest.raises(ValueError, match=r"'down' has 25 latents, which cannot be split over 2 tensor-parallel"):
+    with pytest.raises(
+        ValueError, match=r"'down' has 25 latents, which cannot be split over 2 tensor-parallel"
+    ):
         shard_saes(model, object())

@@ -88,7 +88,8 @@ def _loading_rank(rank, world_size, path, result_file):
 
 
 def save_eight_layer_llama(path) -> tuple[int, int]:
-    """A 124 MiB random Llama saved in 50 MB shards with a tokenizer: (its bytes, its largest weight's bytes)."""
+    """A 124 MiB random Llama saved in 50 MB shards with a tokenizer: (its bytes, its largest weight's
+    bytes)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4)
@@ -102,8 +103,9 @@ def test_a_rank_reads_and_holds_only_its_slices(tmp_path):
     full, largest = save_eight_layer_llama(tmp_path / "host")
     run_ranks(_loading_rank, 2, tmp_path / "host", tmp_path / "m.pt")
     m = torch.load(tmp_path / "m.pt")
-    print(f"full model {full / 2**20:.1f} MiB; TP rank 0 of 2 (target layer 1) read {m['read'] / 2**20:.1f} MiB, "
-          f"at most {m['largest_read'] / 2**20:.2f} MiB at once (largest full weight {largest / 2**20:.2f} MiB); "
+    print(f"full model {full / 2**20:.1f} MiB; TP rank 0 of 2 (target layer 1) "
+          f"read {m['read'] / 2**20:.1f} MiB, at most {m['largest_read'] / 2**20:.2f} MiB at once "
+          f"(largest full weight {largest / 2**20:.2f} MiB); "
           f"its peak resident set grew by {m['peak'] / 2**20:.1f} MiB while loading")
     assert m["read"] == m["held"]  # nothing read is thrown away
     assert m["largest_read"] <= largest / 2  # never a full weight, only this rank's half

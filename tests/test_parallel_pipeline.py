@@ -106,5 +106,7 @@ def test_pp2_sae_lives_on_the_stage_that_owns_its_target():
 def test_a_target_no_stage_owns_is_refused():
     par = ParallelState(rank=1, world_size=2, pp_size=2)
     assert stage_targets(LLAMA, TARGETS, 3, par) == ["model.layers.3"]
-    with pytest.raises(ValueError, match=r"'model.layers.3' is in decoder layer 3, which no pipeline stage owns"):
+    with pytest.raises(
+        ValueError, match=r"'model.layers.3' is in decoder layer 3, which no pipeline stage owns"
+    ):
         stage_targets(LLAMA, TARGETS, 2, par)

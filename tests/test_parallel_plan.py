@@ -22,7 +22,8 @@ def _numel(modules) -> int:
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_host_weights_equal_the_sharded_modules(tp):
-    config = Qwen2_5_VLConfig(text_config=dict(SMALL, vocab_size=90, num_key_value_heads=2), vision_config=VISION)
+    config = Qwen2_5_VLConfig(text_config=dict(SMALL, vocab_size=90, num_key_value_heads=2),
+                              vision_config=VISION)
     model = Qwen2_5_VLForConditionalGeneration(config)
     shard_model(model, None, 0, tp)  # rank 0's shapes; no forward, so no group is needed
     inner = model.model
@@ -83,14 +84,14 @@ def test_hand_computed_tp2_pp2():
 
 def test_qwen25vl_7b_tp4_host_weights_by_hand(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
+        "model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
         "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
                           "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
                           "temporal_patch_size": 2},
     }))
-    cli_main(["plan", "--model", str(tmp_path), "--tp", "4", "--target-modules", "model.language_model.layers.14",
-              "--gpu-memory-gb", "2"])
+    cli_main(["plan", "--model", str(tmp_path), "--tp", "4",
+              "--target-modules", "model.language_model.layers.14", "--gpu-memory-gb", "2"])
     out = capsys.readouterr().out
     # Per rank: 15 layers of 3584 * 1152 + 1152 (q, k, v and biases) + 896 * 3584 (o) + 3 * 3584 * 4736 (MLP)
     # + 7168 (norms) = 58,269,824 parameters; embedding 38016 * 3584; vision tower 676,537,856 (replicated).
@@ -102,7 +103,10 @@ def test_qwen25vl_7b_tp4_host_weights_by_hand(tmp_path, capsys):
 def test_stages_balance_layers_and_refuse_empty_ones():
     assert stage_layers(15, 2) == [range(7), range(7, 15)]
     assert stage_layers(4, 4) == [range(i, i + 1) for i in range(4)]
-    with pytest.raises(ValueError, match=r"--pp 3 needs at least 3 decoder layers up to the last target, but there are 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"--pp 3 needs at least 3 decoder layers up to the last target, but there are 2",
+    ):
         stage_layers(2, 3)
 
 

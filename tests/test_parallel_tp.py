@@ -75,8 +75,9 @@ def test_vocab_parallel_embedding_covers_every_id():
 
 
 def test_qwen25vl_7b_heads_allow_tp_1_2_4():
-    config = Qwen2_5_VLConfig(text_config=dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                                               num_key_value_heads=4, vocab_size=152064))
+    config = Qwen2_5_VLConfig(text_config=dict(hidden_size=3584, intermediate_size=18944,
+                                               num_attention_heads=28, num_key_value_heads=4,
+                                               vocab_size=152064))
     for tp in (1, 2, 4):
         Layout.from_config(config, tp).check("Qwen2.5-VL-7B")
     with pytest.raises(ValueError, match=r"--tp 8: it has 28 query heads, 4 KV heads .* one of \[1, 2, 4\]"):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from megasae.train import Trainer
 
 from distributed import run_ranks
-from test_parallel_train import _config, text_rows
+from helpers import parallel_config, text_rows
 
 
 def _train_rank(rank, world_size, cfg):
@@ -20,8 +20,8 @@ def _train_rank(rank, world_size, cfg):
 
 def test_tp2_dp2_trains_the_same_adapter_as_dp2(host_dir, tmp_path):
     data = text_rows(tmp_path / "text.parquet")
-    run_ranks(_train_rank, 2, _config(host_dir, data, tmp_path / "dp2"))
-    run_ranks(_train_rank, 4, _config(host_dir, data, tmp_path / "tp2dp2", tp=2))
+    run_ranks(_train_rank, 2, parallel_config(host_dir, data, tmp_path / "dp2"))
+    run_ranks(_train_rank, 4, parallel_config(host_dir, data, tmp_path / "tp2dp2", tp=2))
     expected = load_file(tmp_path / "dp2" / "adapter_model.safetensors")
     got = load_file(tmp_path / "tp2dp2" / "adapter_model.safetensors")
     assert expected.keys() == got.keys()

@@ -15,8 +15,8 @@ from megasae.train import Trainer
 
 from data_fixtures import tiny_text_tokenizer
 from distributed import run_ranks
+from helpers import parallel_config, text_rows, train_and_resume_rank
 from parallel_hosts import TEXT_HOSTS
-from test_parallel_train import _config, text_rows, train_and_resume_rank
 
 
 def records(output_dir):
@@ -24,11 +24,15 @@ def records(output_dir):
 
 
 def assert_same_run(one, split):
-    expected, got = load_file(one / "adapter_model.safetensors"), load_file(split / "adapter_model.safetensors")
+    expected = load_file(one / "adapter_model.safetensors")
+    got = load_file(split / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
-    config = lambda d: json.loads((d / "adapter_config.json").read_text())
+
+    def config(d):
+        return json.loads((d / "adapter_config.json").read_text())
+
     assert sorted(config(split)["target_modules"]) == sorted(config(one)["target_modules"])
     for want, have in zip(records(one), records(split), strict=True):
         assert have.keys() == want.keys()
@@ -46,8 +50,8 @@ def test_pp2_trains_the_same_adapter_as_one_process(host_dir, tmp_path, targets)
     """With --eval-every: the held-out numbers each stage measures reach rank 0's log too."""
     data = text_rows(tmp_path / "text.parquet")
     held_out = dict(eval_every=2, eval_data=str(data), eval_tokens=256)
-    Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets, **held_out)).fit()
-    split = _config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2, **held_out)
+    Trainer(parallel_config(host_dir, data, tmp_path / "one", target_modules=targets, **held_out)).fit()
+    split = parallel_config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2, **held_out)
     run_ranks(train_and_resume_rank, 2, split)
     assert_same_run(tmp_path / "one", tmp_path / "pp2")
     assert "eval/fvu" in records(tmp_path / "pp2")[1]
@@ -72,13 +76,15 @@ def test_tp2_pp2_on_four_ranks(family_host_dir, tmp_path):
     host_dir = family_host_dir
     targets = ("model.layers.0", "model.layers.2")
     data = text_rows(tmp_path / "text.parquet")
-    Trainer(_config(host_dir, data, tmp_path / "one", target_modules=targets)).fit()
-    run_ranks(train_and_resume_rank, 4, _config(host_dir, data, tmp_path / "tp2pp2", target_modules=targets,
-                                                 tp=2, pp=2))
+    Trainer(parallel_config(host_dir, data, tmp_path / "one", target_modules=targets)).fit()
+    split = parallel_config(host_dir, data, tmp_path / "tp2pp2", target_modules=targets, tp=2, pp=2)
+    run_ranks(train_and_resume_rank, 4, split)
     assert_same_run(tmp_path / "one", tmp_path / "tp2pp2")
 
 
 def test_zero1_is_refused_under_pp_up_front(host_dir, tmp_path):
-    par = ParallelState(world_size=2, pp_size=2)  # rank 0 of two stages; nothing is communicated before the check
+    # Rank 0 of two stages; nothing is communicated before the check.
+    par = ParallelState(world_size=2, pp_size=2)
     with pytest.raises(ValueError, match="--zero1 shards Adam's state over data-parallel ranks only"):
-        Trainer(_config(host_dir, tmp_path / "unread.parquet", tmp_path / "out", pp=2, zero1=True), par=par)
+        cfg = parallel_config(host_dir, tmp_path / "unread.parquet", tmp_path / "out", pp=2, zero1=True)
+        Trainer(cfg, par=par)

@@ -68,7 +68,10 @@ def _new_groups(
 ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """The rank lists of every TP, DP and PP group, in the rank layout of the module docstring."""
     dp = world_size // (tp * pp)
-    rank = lambda p, d, t: (p * dp + d) * tp + t
+
+    def rank(p, d, t):
+        return (p * dp + d) * tp + t
+
     tp_groups = [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
     dp_groups = [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
     pp_groups = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
