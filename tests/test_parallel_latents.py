@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
-from megasae.parallel.adapter import save_adapter, shard_saes
+from megasae.peft.shard import save_adapter, shard_saes
 
 from distributed import run_ranks
 from helpers import TwoLayerMLP

@@ -74,7 +74,7 @@ class _Traffic:
 def _rank_main(rank: int, world_size: int, tp: int, port: int, args, result_file: str) -> None:
     from megasae import TopKSaeConfig, get_peft_sae_model
     from megasae.parallel import init_distributed, shard_model
-    from megasae.parallel.adapter import shard_saes
+    from megasae.peft.shard import shard_saes
     from megasae.train import sae_step
 
     torch.set_num_threads(args.threads)

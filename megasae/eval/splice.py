@@ -13,11 +13,11 @@ from megasae import formats
 from megasae.eval.config import HeldOutData
 from megasae.models import load_host_model
 from megasae.parallel import ParallelState
-from megasae.parallel.adapter import shard_saes
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, sae_layers
 from megasae.peft.layer import Replacement, TopKSaeLayer
+from megasae.peft.shard import shard_saes
 
 
 def adapter_settings(layer: TopKSaeLayer) -> tuple[int, int]:

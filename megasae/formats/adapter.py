@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from megasae.formats.saes import (
     WEIGHT_NAMES,
@@ -115,3 +116,18 @@ def write(saes: SaeSet, directory: Path) -> None:
     """Write `saes` as a megasae adapter (CONFIG_FILE + WEIGHTS_FILE) into `directory`."""
     saes.config.save_pretrained(str(directory))
     save_file(saes.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def add_stage_saes(directory: Path, state: dict[str, Tensor], target_modules: list[str]) -> None:
+    """Complete the adapter that one pipeline stage's model saved in `directory` with the other stages' SAE
+    tensors in `state` (keyed as in model.state_dict()) and list every target in its config: one standard
+    adapter for the whole pipeline, as one process would have saved it."""
+    weights_file = Path(directory, WEIGHTS_FILE)
+    tensors = load_file(weights_file)
+    for key, tensor in state.items():
+        tensors.setdefault(key.removesuffix(".default"), tensor.contiguous())
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    config_file = Path(directory, CONFIG_FILE)
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = list(target_modules)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))

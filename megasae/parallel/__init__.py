@@ -1,6 +1,6 @@
 """Process groups, data-parallel collectives, and Megatron-style tensor parallelism of hosts and SAEs.
 
-Latent-parallel SAE adapters (shard_saes, save_adapter) live in megasae.parallel.adapter, which needs
+Latent-parallel SAE adapters (shard_saes, save_adapter) live in megasae.peft.shard, which needs
 megasae.peft, itself importing this package.
 """
 

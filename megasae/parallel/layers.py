@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megasae.parallel.collectives import copy_to_group, reduce_from_group
+from megasae.collectives.autograd import copy_to_group, reduce_from_group
 
 
 class ColumnParallelLinear(nn.Linear):

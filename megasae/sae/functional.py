@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megasae import ops
-from megasae.parallel import latents
+from megasae.collectives import latents
 
 
 @dataclass
@@ -97,7 +97,7 @@ def encode(
     """(values, indices) of relu(topk_k(W_enc (x - b_dec) + b_enc)), each [N, k]; relu=False keeps the raw
     top-k values.
 
-    With a latent group, W_enc and b_enc are this rank's block of latents (megasae.parallel.latents).
+    With a latent group, W_enc and b_enc are this rank's block of latents (megasae.collectives.latents).
     """
     if not relu:
         return _raw_topk(x, W_enc, b_enc, b_dec, k, dead_mask, latent_group)

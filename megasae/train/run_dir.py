@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 
 from megasae.files import fix_modes, write_atomic
+from megasae.formats.adapter import CONFIG_FILE, WEIGHTS_FILE
 from megasae.train.checkpoint import checkpoint_root
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the order they are replaced in
+ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # the order they are replaced in
 RUN_FILES = (*ADAPTER_FILES, "config.json", "metrics.jsonl")
 
 
@@ -65,6 +66,6 @@ def publish_adapter(staged: Path, output_dir: Path) -> None:
     crash in between leaves no adapter_config.json (a directory that no loader mistakes for an adapter, and
     that --resume rewrites), never the weights of one run under the config of another."""
     fix_modes(staged)
-    (output_dir / "adapter_config.json").unlink(missing_ok=True)
+    (output_dir / CONFIG_FILE).unlink(missing_ok=True)
     for name in ADAPTER_FILES:
         os.replace(staged / name, output_dir / name)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from megasae.parallel import ParallelState, sum_gradients
-from megasae.parallel.adapter import sharded_parameters
 from megasae.parallel.distributed import clip_grad_norm_
+from megasae.peft.shard import sharded_parameters
 
 
 def sae_step(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,

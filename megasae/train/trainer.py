@@ -16,26 +16,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from megasae.collectives.latents import gather_rows, shard_rows
 from megasae.data import build_batches, open_source
 from megasae.data.activations import ActivationBatches, read_manifest
 from megasae.errors import Interrupted
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.files import staging_directory
+from megasae.formats.adapter import add_stage_saes
+from megasae.formats.adapter import read as read_adapter
 from megasae.models import compile_blocks, load_host_model
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.models.replay import ReplayHost
 from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
-from megasae.parallel.adapter import add_stage_saes, full_state_dict, shard_saes, sharded_parameters
 from megasae.parallel.architectures import architecture
 from megasae.parallel.distributed import merge_over_stages
-from megasae.parallel.latents import gather_rows, shard_rows
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.peft.shard import full_state_dict, shard_saes, sharded_parameters
 from megasae.train.cache import CacheConfig
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
@@ -360,18 +361,17 @@ class Trainer:
                                self.cfg.to_json())
 
     def _restore(self, checkpoint: Path) -> None:
-        adapter = load_file(checkpoint / "adapter_model.safetensors")
-        own = {}
-        if self.model is not None:
-            own = {k: v for k, v in self.model.state_dict().items() if ".sae_" in k}
-        for key, param in own.items():
-            saved_key = key.removesuffix(".default")
-            if saved_key not in adapter:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} has no {saved_key}: it was written for other target modules."
-                )
-            whole = adapter[saved_key]  # the saved adapter is whole; a latent-parallel rank keeps its rows
-            param.copy_(whole if whole.shape == param.shape else shard_rows(whole, self.par.tp_group))
+        saved = read_adapter(checkpoint).saes  # whole SAEs; a latent-parallel rank keeps its rows
+        for layer in sae_layers(self.model) if self.model is not None else []:
+            if layer.module_path not in saved:
+                raise ValueError(f"Checkpoint {checkpoint} has no SAE on {layer.module_path!r}: it was written "
+                                 "for other target modules.")
+            whole = saved[layer.module_path]
+            for name, tensor in (("sae_W_enc", whole.W_enc), ("sae_b_enc", whole.b_enc),
+                                 ("sae_W_dec", whole.W_dec), ("sae_b_dec", whole.b_dec)):
+                param = getattr(layer, name)["default"]
+                with torch.no_grad():
+                    param.copy_(tensor if tensor.shape == param.shape else shard_rows(tensor, self.par.tp_group))
         saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
         state = load_trainer_state(checkpoint, self.par, saved_tp)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):

@@ -6,15 +6,12 @@ to any TP size.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from megasae.parallel import latents
+from megasae.collectives import latents
 from megasae.peft.layer import TopKSaeLayer
 
 # Per-latent weights; b_dec (per output feature) is replicated.
@@ -73,18 +70,3 @@ def save_adapter(model, directory: str | os.PathLike, is_main: bool) -> None:
     state = full_state_dict(model)
     if is_main:
         model.save_pretrained(directory, state_dict=state)
-
-
-def add_stage_saes(directory: str | os.PathLike, state: dict[str, Tensor], target_modules: list[str]) -> None:
-    """Complete the adapter that one pipeline stage's model saved in `directory` with the other stages' SAE
-    tensors in `state` (keyed as in model.state_dict()) and list every target in its config: one standard
-    adapter for the whole pipeline, as one process would have saved it."""
-    weights_file = Path(directory, "adapter_model.safetensors")
-    tensors = load_file(weights_file)
-    for key, tensor in state.items():
-        tensors.setdefault(key.removesuffix(".default"), tensor.contiguous())
-    save_file(tensors, weights_file, metadata={"format": "pt"})
-    config_file = Path(directory, "adapter_config.json")
-    config = json.loads(config_file.read_text())
-    config["target_modules"] = list(target_modules)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))

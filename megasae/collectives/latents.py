@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megasae import ops
-from megasae.parallel.collectives import copy_to_group, gather_from_group, reduce_from_group
+from megasae.collectives.autograd import copy_to_group, gather_from_group, reduce_from_group
 
 
 def _offset(group: dist.ProcessGroup, local_latents: int) -> int:
