@@ -1,8 +1,7 @@
-"""Process groups, data-parallel collectives, and Megatron-style tensor parallelism of hosts and SAEs.
+"""Process groups, data-parallel collectives, and Megatron-style tensor and pipeline parallelism of hosts.
 
-Latent-parallel SAE adapters (shard_saes, save_adapter) live in megasae.peft.shard, which needs
-megasae.peft, itself importing this package.
-"""
+The latent-parallel SAE math sits below peft in megasae.collectives; sharding an attached SAE is
+megasae.peft.shard."""
 
 from megasae.parallel.distributed import (
     ParallelState,

@@ -364,14 +364,18 @@ class Trainer:
         saved = read_adapter(checkpoint).saes  # whole SAEs; a latent-parallel rank keeps its rows
         for layer in sae_layers(self.model) if self.model is not None else []:
             if layer.module_path not in saved:
-                raise ValueError(f"Checkpoint {checkpoint} has no SAE on {layer.module_path!r}: it was written "
-                                 "for other target modules.")
+                raise ValueError(
+                    f"Checkpoint {checkpoint} has no SAE on {layer.module_path!r}: it was written for other "
+                    "target modules."
+                )
             whole = saved[layer.module_path]
             for name, tensor in (("sae_W_enc", whole.W_enc), ("sae_b_enc", whole.b_enc),
                                  ("sae_W_dec", whole.W_dec), ("sae_b_dec", whole.b_dec)):
                 param = getattr(layer, name)["default"]
+                if tensor.shape != param.shape:
+                    tensor = shard_rows(tensor, self.par.tp_group)
                 with torch.no_grad():
-                    param.copy_(tensor if tensor.shape == param.shape else shard_rows(tensor, self.par.tp_group))
+                    param.copy_(tensor)
         saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
         state = load_trainer_state(checkpoint, self.par, saved_tp)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
