@@ -159,3 +159,42 @@ def test_bad_caches_and_mismatched_runs_are_refused(host_dir, text_data, cache, 
             next(batches)
     with pytest.raises(FileNotFoundError, match="is no activation cache"):
         Trainer(train_config(tmp_path, tmp_path / "c"))
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from megasae.data.activations import FORMAT, MANIFEST, ActivationBatches, sha256, shard_name
+
+cache, shards = Path(sys.argv[1]), int(sys.argv[2])
+cache.mkdir()
+entries = []
+for i in range(shards):  # 32 MiB a shard: 16,384 rows of width 512, float32
+    save_file({"layer": torch.randn(16_384, 512)}, cache / shard_name(i))
+    entries.append({"file": shard_name(i), "tokens": 16_384, "sha256": sha256(cache / shard_name(i))})
+manifest = {"format": FORMAT, "settings": {}, "complete": True, "tokens": 16_384 * shards, "shards": entries,
+            "targets": {"layer": {"width": 512, "transcode": False}}, "data_state": None}
+(cache / MANIFEST).write_text(json.dumps(manifest))
+batches = ActivationBatches(cache, 4096, 0, 1, seed=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(4 * shards + 4):  # one whole epoch and into the next
+    next(batches)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_reading_a_cache_takes_the_same_memory_whatever_its_size(tmp_path):
+    """Peak memory while streaming a cache of 1 shard and of 8 shards (32 MiB each): a shard at a time."""
+    import subprocess
+    import sys
+
+    def peak_mib(shards):
+        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / f"c{shards}"), str(shards)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip().splitlines()[-1])
+
+    small, large = peak_mib(1), peak_mib(8)
+    assert large < small + 48, (small, large)  # the whole 256 MiB cache in memory would add ~224 MiB
