@@ -21,6 +21,7 @@ from megasae.models import load_host_model
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel.distributed import resolve_device
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.peft.layer import module_widths
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -149,7 +150,7 @@ def write_cache(cfg: CacheConfig) -> Path:
                             messages_column=cfg.messages_column, images_column=cfg.images_column,
                             tokens=cfg.tokens)
     if manifest is None:
-        widths = {path: _width(host.get_submodule(path)) for path in paths}
+        widths = {path: module_widths(host.get_submodule(path), path)[1] for path in paths}
         manifest = {"format": FORMAT, "settings": settings, "complete": False, "tokens": 0, "shards": [],
                     "targets": {p: {"width": widths[p], "transcode": cfg.transcode} for p in paths},
                     "token_policy": {**DEFAULT_TOKEN_POLICY, "tokens": cfg.tokens, "outlier_factor": None},
@@ -173,15 +174,6 @@ def write_cache(cfg: CacheConfig) -> Path:
     manifest["complete"] = True
     write_atomic(manifest_path, json.dumps(manifest, indent=1))
     return out
-
-
-def _width(module: nn.Module) -> int:
-    width = getattr(module, "hidden_size", None) or getattr(module, "out_features", None)
-    if not isinstance(width, int):
-        raise TypeError(
-            f"Cannot tell the width of {type(module).__name__}; cache a decoder layer or a Linear."
-        )
-    return width
 
 
 def _write_shard(
