@@ -84,8 +84,9 @@ def check_types(cfg) -> None:
 def check_at_least(cfg, minimum: float, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if value is not None and value < minimum:
-            raise SettingError(f"{flag(name)} must be at least {minimum}, got {value}.")
+        for one in value if isinstance(value, tuple) else (value,):  # a comma list checks each value
+            if one is not None and one < minimum:
+                raise SettingError(f"{flag(name)} must be at least {minimum}, got {one}.")
 
 
 def check_outlier_factor(value: float | None) -> None:

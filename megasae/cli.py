@@ -24,6 +24,7 @@ def _config_file(args: list[str]) -> Path | None:
 
 def train_command(args: list[str]) -> None:
     """Train TopK SAEs (the built-in default with no flags)."""
+    from megasae.formats.adapter import adapter_path
     from megasae.train import TrainConfig, train
     from megasae.train.config import load_config_file
     from megasae.train.report import summary
@@ -33,7 +34,8 @@ def train_command(args: list[str]) -> None:
     cfg = tyro.cli(TrainConfig, args=args, default=default, prog="megasae train")
     train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(summary(cfg.output_dir, cfg.target_modules[0], cfg.model, cfg.eval_data))
+        adapters = [adapter_path(cfg.output_dir, sae.name) for sae in cfg.saes()]
+        print(summary(cfg.output_dir, cfg.target_modules[0], cfg.model, cfg.eval_data, adapters))
 
 
 def cache_command(args: list[str]) -> None:

@@ -44,7 +44,7 @@ TRAIN_CASES = [
     (["--outlier-factor", "0"], "--outlier-factor must be at least 1"),
     (["--data", "{tmp}/notes.parquet"], "notes.parquet is not a readable Parquet file"),
     (["--data", "{tmp}/empty-texts.parquet"], "yields less than one 16-token sequence per epoch"),
-    (["--config", "{tmp}/quoted.yaml"], "--k must be an integer, got '32'"),
+    (["--config", "{tmp}/quoted.yaml"], "--k must be an integer or a list of integers, got '32'"),
     (["--config", "{tmp}/broken.yaml"], "broken.yaml is not valid YAML or JSON"),
     (["--output-dir", "{tmp}/a-file"], "--output-dir {tmp}/a-file is a file"),
     (["--output-dir", "{tmp}/stale", "--resume"], "latest names step-00000008, which does not exist"),

@@ -99,8 +99,14 @@ def test_directory_with_another_peft_method(tmp_path):
 
 
 def test_two_active_adapters_on_one_layer():
+    """Both capture side by side (a sweep), but only one can produce the module's output."""
     model = get_peft_sae_model(TwoLayerMLP(), TopKSaeConfig(k=2, num_latents=8, target_modules=["down"]))
-    model.add_adapter("other", TopKSaeConfig(k=2, num_latents=8, target_modules=["down"]))
+    model.add_adapter("other", TopKSaeConfig(k=3, num_latents=8, target_modules=["down"]))
     model.base_model.set_adapter(["default", "other"])
-    with pytest.raises(ValueError, match="runs one adapter at a time"):
+    with model.capture() as outputs:
+        model(torch.randn(2, 16))
+    assert sorted(outputs) == ["default/down", "other/down"]
+    assert outputs["other/down"].l0 == 3
+    model.eval()
+    with pytest.raises(ValueError, match="splices, caches or replaces with one adapter at a time"):
         model(torch.randn(2, 16))

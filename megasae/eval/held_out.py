@@ -11,7 +11,8 @@ from torch import Tensor
 from megasae.eval.batches import held_out_batches
 from megasae.eval.metrics import ReconstructionStats
 from megasae.eval.splice import adapter_settings
-from megasae.peft import PeftSaeModel, sae_layers
+from megasae.peft import PeftSaeModel
+from megasae.peft.control import sae_keys
 
 
 class HeldOutEval:
@@ -30,11 +31,12 @@ class HeldOutEval:
 
     @torch.no_grad()
     def __call__(self, model: PeftSaeModel | None, forward: Callable[[dict, Tensor], dict]) -> dict:
-        """eval/fvu, eval/l0 and eval/dead_pct (dead: never fired on these tokens) per target of `model`
+        """eval/fvu, eval/l0 and eval/dead_pct (dead: never fired on these tokens) per SAE of `model`
         (None: a pipeline stage without SAEs). `forward(inputs, token_mask)` runs one batch through the
         host, or this rank's stage of it, and returns the SAE outputs of its targets."""
-        layers = sae_layers(model) if model is not None else []
-        stats = {layer.module_path: ReconstructionStats(*adapter_settings(layer)) for layer in layers}
+        saes = sae_keys(model) if model is not None else {}
+        stats = {key: ReconstructionStats(*adapter_settings(layer, adapter))
+                 for key, (layer, adapter) in saes.items()}
         was_training = model is not None and model.training
         if model is not None:
             model.eval()  # reading must not initialise b_dec or touch the dead-latent counters

@@ -20,9 +20,9 @@ from megasae.peft.layer import Replacement, TopKSaeLayer
 from megasae.peft.shard import shard_saes
 
 
-def adapter_settings(layer: TopKSaeLayer) -> tuple[int, int]:
+def adapter_settings(layer: TopKSaeLayer, adapter: str = "default") -> tuple[int, int]:
     """(num_latents, k) of a layer's SAE."""
-    return layer.num_latents("default"), layer.sae_spec["default"].k
+    return layer.num_latents(adapter), layer.sae_spec[adapter].k
 
 
 class EvalHost:

@@ -118,14 +118,21 @@ def write(saes: SaeSet, directory: Path) -> None:
     save_file(saes.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
-def add_stage_saes(directory: Path, state: dict[str, Tensor], target_modules: list[str]) -> None:
-    """Complete the adapter that one pipeline stage's model saved in `directory` with the other stages' SAE
-    tensors in `state` (keyed as in model.state_dict()) and list every target in its config: one standard
-    adapter for the whole pipeline, as one process would have saved it."""
+def adapter_path(directory: str | Path, adapter: str) -> Path:
+    """Where peft saves the adapter named `adapter` of a model saved in `directory`."""
+    return Path(directory) if adapter == "default" else Path(directory, adapter)
+
+
+def add_stage_saes(directory: Path, state: dict[str, Tensor], target_modules: list[str],
+                   adapter: str = "default") -> None:
+    """Complete the adapter `adapter` that one pipeline stage's model saved in `directory` with the other
+    stages' SAE tensors in `state` (keyed as in model.state_dict()) and list every target in its config: one
+    standard adapter for the whole pipeline, as one process would have saved it."""
     weights_file = Path(directory, WEIGHTS_FILE)
     tensors = load_file(weights_file)
     for key, tensor in state.items():
-        tensors.setdefault(key.removesuffix(".default"), tensor.contiguous())
+        if key.endswith(f".{adapter}"):
+            tensors.setdefault(key.removesuffix(f".{adapter}"), tensor.contiguous())
     save_file(tensors, weights_file, metadata={"format": "pt"})
     config_file = Path(directory, CONFIG_FILE)
     config = json.loads(config_file.read_text())

@@ -11,7 +11,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from megasae import sae
-from megasae.peft.layer import CaptureSession, HiddenRecord, Replacement, SaeMode, StopForward, TopKSaeLayer
+from megasae.peft.layer import (
+    CaptureSession,
+    HiddenRecord,
+    Replacement,
+    SaeMode,
+    StopForward,
+    TopKSaeLayer,
+    sae_key,
+)
 
 
 def sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
@@ -25,6 +33,18 @@ def _active_sae_layers(model: nn.Module) -> list[TopKSaeLayer]:
             f"{type(model).__name__} has no active TopK SAE; attach one with get_peft_sae_model."
         )
     return layers
+
+
+def _several_adapters(layers: list[TopKSaeLayer]) -> bool:
+    return len({adapter for layer in layers for adapter in layer.active_saes}) > 1
+
+
+def sae_keys(model: nn.Module) -> dict[str, tuple[TopKSaeLayer, str]]:
+    """The keys under which `capture` puts the active SAEs' outputs, each with its layer and adapter."""
+    layers = _active_sae_layers(model)
+    by_adapter = _several_adapters(layers)
+    return {sae_key(layer.module_path, adapter, by_adapter): (layer, adapter)
+            for layer in layers for adapter in layer.active_saes}
 
 
 def set_sae_mode(model: nn.Module, mode: SaeMode) -> None:
@@ -46,7 +66,8 @@ def capture(
     replace: dict[str, Replacement] | None = None,
 ) -> Iterator[dict[str, sae.SaeOutput]]:
     """Within the block every forward of `model` captures, and the yielded dict fills with one
-    `SaeOutput` per target module path.
+    `SaeOutput` per target module path; with several adapters active (a sweep), one per SAE, keyed
+    "<adapter>/<module path>" (`sae_keys`).
 
     token_mask: bool, shaped like the activations without their last dimension (e.g. [batch, seq]);
         only True tokens are read by the SAEs and counted in their losses.
@@ -67,7 +88,8 @@ def capture(
             f"replace must map target module paths {[layer.module_path for layer in layers]} to 'sae' or "
             f"'zero', got {replace!r}."
         )
-    session = CaptureSession(token_mask, stop_after_targets, len(layers), outlier_factor, group, replace)
+    session = CaptureSession(token_mask, stop_after_targets, len(layers), outlier_factor, group, replace,
+                             by_adapter=_several_adapters(layers))
     for layer in layers:
         layer.capture_session = session
     plain_forward = model.forward
@@ -150,6 +172,11 @@ def sae_outputs(model: nn.Module) -> dict[str, sae.SaeOutput]:
     return {
         layer.module_path: layer.sae_output for layer in sae_layers(model) if layer.sae_output is not None
     }
+
+
+def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The trainable parameters of the SAEs of adapter `adapter`, in the model's order."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and name.endswith(f".{adapter}")]
 
 
 def remove_parallel_decoder_grads(model: nn.Module) -> None:

@@ -46,14 +46,24 @@ class CaptureSession:
     # Target module path -> "sae" (reconstruction) or "zero" (ablation): what replaces that module's output
     # on the rows its SAE read, for evaluation; every other row keeps the host's own value.
     replace: dict[str, Replacement] = field(default_factory=dict)
+    # Several adapters active at once (a sweep): outputs are keyed "<adapter>/<module path>", not by path.
+    by_adapter: bool = False
     outputs: dict[str, sae.SaeOutput] = field(default_factory=dict)
     captured_this_forward: set[str] = field(default_factory=set)
 
-    def record(self, module_path: str, output: sae.SaeOutput) -> None:
-        self.outputs[module_path] = output
+    def record(self, module_path: str, outputs: dict[str, sae.SaeOutput]) -> None:
+        """The outputs of the SAEs (by adapter) on `module_path`."""
+        for adapter, output in outputs.items():
+            self.outputs[sae_key(module_path, adapter, self.by_adapter)] = output
         self.captured_this_forward.add(module_path)
         if self.stop_after_targets and len(self.captured_this_forward) == self.num_targets:
             raise StopForward
+
+
+def sae_key(module_path: str, adapter: str, by_adapter: bool) -> str:
+    """Where a capture puts an SAE's output: under its module path, or with several adapters active (a sweep)
+    under "<adapter>/<module path>", the adapter's directory in a sweep's output."""
+    return f"{adapter}/{module_path}" if by_adapter else module_path
 
 
 @dataclass(frozen=True)
@@ -179,10 +189,11 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             )
         device = next(self.base_layer.parameters(), torch.empty(0)).device
         if config.init_sae_weights:
-            # Drawn on the CPU from a generator of this SAE's own, seeded by the global seed, the module path
-            # and the adapter name: the same SAE on every device (CUDA's generator differs), whatever other
-            # targets exist and whichever rank (pipeline stage) builds it.
-            seed = torch.initial_seed() + zlib.crc32(f"{self.module_path}/{adapter_name}".encode())
+            # Drawn on the CPU from a generator seeded by the global seed and the module path: the same SAE on
+            # every device (CUDA's generator differs), whatever other targets exist and whichever rank
+            # (pipeline stage) builds it. Not by the adapter name: the SAEs of a sweep start where a run of
+            # each alone would, so they differ only in what the sweep varies.
+            seed = torch.initial_seed() + zlib.crc32(self.module_path.encode())
             generator = torch.Generator().manual_seed(seed % 2**63)
             weights = sae.init_weights(width_read, self.d_out, num_latents, dtype=config.torch_dtype,
                                        generator=generator)
@@ -237,22 +248,30 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(*args, **kwargs)
         if self.disable_adapters or not self.active_saes:
             return result
-        adapter = self._the_active_adapter()
         hidden = _hidden_state(self.module_path, result)
-        spec = self.sae_spec[adapter]
-        sae_in = _module_input(self.module_path, args, kwargs) if spec.transcode else hidden
+        session = self.capture_session
+        replaces = session is not None and self.module_path in session.replace
+        if self._splicing() or self.hidden_record is not None or replaces:
+            adapters = [self._the_active_adapter()]  # one SAE produces this module's output
+        else:
+            adapters = self.active_saes  # several capture side by side on the same input (a sweep)
+        transcode = {self.sae_spec[adapter].transcode for adapter in adapters}
+        if len(transcode) > 1:
+            raise ValueError(f"The SAEs {adapters} on {self.module_path!r} read different inputs (some are "
+                             "transcoders); activate SAEs or transcoders only.")
+        sae_in = _module_input(self.module_path, args, kwargs) if transcode.pop() else hidden
         if self._splicing():
-            x_hat = self._reconstruct(adapter, sae_in).to(hidden.dtype)
+            x_hat = self._reconstruct(adapters[0], sae_in).to(hidden.dtype)
             if self.hidden_record is not None:
                 self._record_hidden(sae_in, x_hat)
             return (x_hat, *result[1:]) if isinstance(result, tuple) else x_hat
-        out = self._capture(adapter, sae_in, hidden)
+        outputs = {adapter: self._capture(adapter, sae_in, hidden) for adapter in adapters}
+        out = outputs[adapters[-1]]
         if self.hidden_record is not None:
             self._record_hidden(sae_in, _replace_rows(hidden, out.kept, out.x_hat.to(hidden.dtype)))
-        session = self.capture_session
         if session is None:
             return result
-        session.record(self.module_path, out)  # the last target of a truncated forward stops it here
+        session.record(self.module_path, outputs)  # the last target of a truncated forward stops it here
         replacement = session.replace.get(self.module_path)
         if replacement is None:
             return result
@@ -276,8 +295,9 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _the_active_adapter(self) -> str:
         if len(self.active_saes) > 1:
             raise ValueError(
-                f"The SAE layer {self.module_path!r} runs one adapter at a time, but {self.active_saes} are "
-                "active; choose one with set_adapter(name)."
+                f"The SAE layer {self.module_path!r} splices, caches or replaces with one adapter at a time, "
+                f"but {self.active_saes} are active; choose one with set_adapter(name) (several capture side "
+                "by side)."
             )
         return self.active_saes[0]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,6 +13,15 @@ import yaml
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
 from megasae.errors import SettingError
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.train.sweep import (
+    SaeSettings,
+    SweptFloat,
+    SweptInt,
+    SweptOptionalFloat,
+    is_sweep,
+    sae_settings,
+    settings_record,
+)
 
 
 @dataclass
@@ -32,16 +40,21 @@ class TrainConfig:
     targets must be the cache's; --max-tokens then counts cached activations."""
     target_modules: tuple[str, ...] = ("model.layers.15",)
     """Modules to attach SAEs to: names or name suffixes."""
-    k: int = 32
-    """Latents kept per token."""
-    num_latents: int = 0
-    """Latents per SAE; 0 means expansion_factor x the width the SAE reads."""
-    expansion_factor: int = 8
-    """Latents per input dimension when num_latents is 0."""
+    k: SweptInt = 32
+    """Latents kept per token. This and the other flags marked 'sweeps' take a comma list: one SAE per
+    combination, all trained from one host forward (see --sweep)."""
+    num_latents: SweptInt = 0
+    """Latents per SAE; 0 means expansion_factor x the width the SAE reads (sweeps)."""
+    expansion_factor: SweptInt = 8
+    """Latents per input dimension when num_latents is 0 (sweeps)."""
+    sweep: Path | None = None
+    """A YAML or JSON list of SAEs to train on every target from one host forward, each a mapping of k,
+    num_latents, expansion_factor, lr, auxk_alpha (unset: this run's flags) and an optional name; each is
+    saved in its own subdirectory of --output-dir."""
     transcode: bool = False
     """Train transcoders: read each target's input and predict its output."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss that revives dead latents; 0 turns it off."""
+    auxk_alpha: SweptFloat = 1 / 32
+    """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many tokens is dead."""
     max_tokens: int = 409_600
@@ -52,8 +65,8 @@ class TrainConfig:
     """Sequences per forward on each rank; gradients accumulate up to --batch-tokens."""
     ctx_len: int = 256
     """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
-    lr: float | None = None
-    """Adam learning rate; none means 2e-4 / sqrt(num_latents / 2^14)."""
+    lr: SweptOptionalFloat = None
+    """Adam learning rate; none means 2e-4 / sqrt(num_latents / 2^14) (sweeps)."""
     warmup_steps: int = 50
     """Steps of linear learning-rate warmup; the rate then decays linearly to 0."""
     grad_clip: float = 1.0
@@ -119,8 +132,7 @@ class TrainConfig:
         check_at_least(self, 0, "num_latents", "auxk_alpha", "warmup_steps", "grad_clip", "save_every",
                        "eval_every")
         check_outlier_factor(self.outlier_factor)
-        if self.lr is not None and self.lr <= 0:
-            raise SettingError(f"--lr must be above 0, got {self.lr}.")
+        self.saes()  # a bad sweep fails now, before anything loads
         if self.resume and self.overwrite:
             raise SettingError(
                 "--resume continues the run in --output-dir and --overwrite deletes it: give one."
@@ -129,23 +141,36 @@ class TrainConfig:
     def steps(self) -> int:
         return max(self.max_tokens // self.batch_tokens, 1)
 
-    def learning_rate(self, num_latents: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+    def saes(self) -> list[SaeSettings]:
+        """The SAEs trained on each target: one, or those of the sweep."""
+        return sae_settings(self)
+
+    @property
+    def sweeping(self) -> bool:
+        return is_sweep(self)
 
     def to_json(self) -> str:
-        """The settings, with the paths of local files resolved: the record a resumed run is compared with."""
+        """The settings, with the paths of local files resolved, and the SAEs they train ('saes', which a
+        sweep file's contents decide): the record a resumed run is compared with."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("model", "data", "eval_data", "activations"):
+        for name in ("model", "data", "eval_data", "activations", "sweep"):
             if fields[name] is not None and fields[name] != "builtin" and Path(fields[name]).exists():
                 fields[name] = str(Path(fields[name]).resolve())
+        fields[SAES_RECORD] = settings_record(self.saes())
         return json.dumps(fields, indent=2, default=str)
 
     def resume_differences(self, saved: dict) -> list[str]:
         """Each setting the checkpoint was trained with that this run changes, as 'FLAG OLD -> NEW'."""
         mine = json.loads(self.to_json())
-        return [f"{flag(name)} {saved[name]!r} -> {mine[name]!r}" for name in mine
-                if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != mine[name]]
+        compared = [name for name in mine if name not in (*RESUME_MAY_CHANGE, SAES_RECORD) and name in saved]
+        changed = [f"{flag(name)} {saved[name]!r} -> {mine[name]!r}" for name in compared
+                   if saved[name] != mine[name]]
+        if not changed and saved.get(SAES_RECORD, mine[SAES_RECORD]) != mine[SAES_RECORD]:
+            changed.append(f"the SAEs of --sweep {saved[SAES_RECORD]!r} -> {mine[SAES_RECORD]!r}")
+        return changed
 
+
+SAES_RECORD = "saes"  # config.json's list of the SAEs trained, derived from the fields
 
 # What a resumed run may change: how long it runs, how it logs, checkpoints and evaluates, and where it runs
 # (the device, and --tp: checkpoints hold whole SAEs and Adam moments).
@@ -167,6 +192,7 @@ def load_config_file(path: Path) -> dict:
         ) from None
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of TrainConfig fields.")
+    values.pop(SAES_RECORD, None)  # a run's config.json is a valid config file; its SAE record is derived
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

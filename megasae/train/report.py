@@ -48,13 +48,15 @@ def write_curves(output_dir: Path, lone: str) -> Path | None:
     return write_atomic(output_dir / "curves.png", buffer.getvalue())
 
 
-def summary(output_dir: Path, lone: str, model: str | None, eval_data: str | None) -> str:
-    """A few lines per SAE from the last logged step, where the adapter is, and the command to run next."""
+def summary(output_dir: Path, lone: str, model: str | None, eval_data: str | None,
+            adapters: list[Path]) -> str:
+    """A few lines per SAE from the last logged step, where the adapters are, and the commands to run next."""
     records = read_metrics(output_dir)
     if not records:
         return f"no metrics were logged in {output_dir}"
     last = records[-1]
-    lines = [f"trained {last['tokens']:,} tokens in {last['step']} steps; the adapter is in {output_dir}"]
+    where = adapters[0] if len(adapters) == 1 else f"{output_dir}/<SAE>"
+    lines = [f"trained {last['tokens']:,} tokens in {last['step']} steps; the adapter is in {where}"]
     columns = {key: per_target(records, key, lone) for key in ("fvu", "l0", "dead_pct", "trained_tokens")}
     for target in columns["fvu"]:
         fvu, l0, dead, counted = (
@@ -64,6 +66,9 @@ def summary(output_dir: Path, lone: str, model: str | None, eval_data: str | Non
                      f"{counted:,.0f} tokens the mask kept)")
     model_flag = f" --model {model}" if model else ""
     data_flag = f" --data {eval_data}" if eval_data else ""
-    lines.append(f"curves: {output_dir / 'curves.png'}; next: megasae eval --adapter {output_dir}{model_flag}"
-                 f"{data_flag} --output-dir {output_dir / 'eval'}")
+    commands = [f"megasae eval --adapter {adapter}{model_flag}{data_flag} --output-dir {adapter / 'eval'}"
+                for adapter in adapters]
+    lines.append(f"curves: {output_dir / 'curves.png'}; next:" + (
+        f" {commands[0]}" if len(commands) == 1 else "".join(f"\n  {command}" for command in commands)
+    ))
     return "\n".join(lines)

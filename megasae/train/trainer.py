@@ -24,7 +24,7 @@ from megasae.data.activations import ActivationBatches, read_manifest
 from megasae.errors import Interrupted
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.files import staging_directory
-from megasae.formats.adapter import add_stage_saes
+from megasae.formats.adapter import adapter_path, add_stage_saes
 from megasae.formats.adapter import read as read_adapter
 from megasae.models import compile_blocks, load_host_model
 from megasae.models.loading import DEFAULT_MODEL_NAME
@@ -36,6 +36,7 @@ from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.peft.control import adapter_parameters, sae_keys
 from megasae.peft.shard import full_state_dict, shard_saes, sharded_parameters
 from megasae.train.cache import CacheConfig
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
@@ -55,18 +56,19 @@ def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_optimizer(params: list[torch.Tensor], lr: float, zero1: bool, device: torch.device):
-    """Adam, fused on CUDA (apex's FusedAdam when installed), foreach on CPU; ZeRO-1 shards its state."""
+def make_optimizer(groups: list[dict], zero1: bool, device: torch.device):
+    """Adam over parameter groups that each name their own "lr", fused on CUDA (apex's FusedAdam when
+    installed), foreach on CPU; ZeRO-1 shards its state."""
     if zero1:
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.Adam, lr=lr, foreach=True)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.Adam, foreach=True)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam
 
-            return FusedAdam(params, lr=lr)
+            return FusedAdam(groups)
         except ImportError:
-            return torch.optim.Adam(params, lr=lr, fused=True)
-    return torch.optim.Adam(params, lr=lr, foreach=True)
+            return torch.optim.Adam(groups, fused=True)
+    return torch.optim.Adam(groups, foreach=True)
 
 
 class StopRequested:
@@ -145,13 +147,14 @@ class Trainer:
             ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
             messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
         ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
-        self.sae_config = TopKSaeConfig(
-            k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
-            target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
+        self.saes = cfg.saes()  # one SAE per target, or a sweep's several
+        self.sae_configs = {s.name: TopKSaeConfig(
+            k=s.k, num_latents=s.num_latents, expansion_factor=s.expansion_factor,
+            target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=s.auxk_alpha,
             dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
             base_model_name_or_path=self.host_name, dataset=self.data_name, ctx_len=cfg.ctx_len,
             token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
-        )
+        ) for s in self.saes}
         self.stage, targets = None, list(cfg.target_modules)
         if self.par.pp_size > 1:
             arch = architecture(host.config)
@@ -161,29 +164,46 @@ class Trainer:
         self.host = host
         torch.manual_seed(cfg.seed)  # each SAE's init derives from it (and its module path) on every rank
         # A pipeline stage that owns no target has no SAE: it only relays the hidden state.
-        self.model: PeftSaeModel | None = get_peft_sae_model(
-            host, dataclasses.replace(self.sae_config, target_modules=targets)
-        ) if targets else None
-        self.num_latents, self.params = {}, []
+        self.model: PeftSaeModel | None = self._attach_saes(host, targets) if targets else None
+        saes_here, self.params = {}, []  # each SAE's (layer, adapter) by the key of its outputs
         if self.model is not None:
             shard_saes(self.model, self.par.tp_group)  # one process's init, each TP rank keeping its latents
             self.model.train()
             if cfg.compile:
                 compile_blocks(self.model)
-            self.num_latents = {
-                layer.module_path: layer.num_latents("default") for layer in sae_layers(self.model)
-            }
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.lr = cfg.learning_rate(max(merge_over_stages(self.num_latents, self.par).values()))
+            saes_here = sae_keys(self.model)
+            # In the optimizer's order (its state dict numbers them so): one parameter group per SAE.
+            self.params = [p for s in self.saes for p in adapter_parameters(self.model, s.name)]
+        self.num_latents = {key: layer.num_latents(adapter) for key, (layer, adapter) in saes_here.items()}
+        # Each SAE's learning rate follows its widest target, over all stages.
+        widths = merge_over_stages(
+            {key: (adapter, self.num_latents[key]) for key, (_, adapter) in saes_here.items()}, self.par
+        )
+        self.lr = {s.name: s.learning_rate(max(n for adapter, n in widths.values() if adapter == s.name))
+                   for s in self.saes}
         self.lr_factor = warmup_then_linear_decay(cfg.warmup_steps, self.steps)
         self.optimizer, self.schedule = None, None
         if self.params:
-            self.optimizer = make_optimizer(self.params, self.lr, cfg.zero1, self.par.device)
+            groups = [{"params": adapter_parameters(self.model, s.name), "lr": self.lr[s.name]}
+                      for s in self.saes]
+            self.optimizer = make_optimizer(groups, cfg.zero1, self.par.device)
             self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
         self.tokens = 0
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def _attach_saes(self, host: torch.nn.Module, targets: list[str]) -> PeftSaeModel:
+        """The host with each SAE of the run on every one of `targets`: a PEFT adapter per SAE, all active."""
+        first, *others = self.saes
+        model = get_peft_sae_model(
+            host, dataclasses.replace(self.sae_configs[first.name], target_modules=targets), first.name
+        )
+        for s in others:
+            model.add_adapter(s.name, dataclasses.replace(self.sae_configs[s.name], target_modules=targets))
+        if others:
+            model.base_model.set_adapter([s.name for s in self.saes])  # all train, side by side
+        return model
 
     def _checkpoint_to_resume(self) -> Path:
         """The latest checkpoint, refused when this run changes a setting that changes the SAE or the data."""
@@ -253,7 +273,7 @@ class Trainer:
                 loss.backward()
             metrics.add(outputs, self.num_latents)
             tokens += batch.num_tokens
-        sae_step(self.model, self.optimizer, self.par, self.cfg.grad_clip)
+        sae_step(self.model, self.optimizer, self.par, self.cfg.grad_clip, [s.name for s in self.saes])
         if self.schedule is not None:
             self.schedule.step()
         self.step += 1
@@ -331,7 +351,8 @@ class Trainer:
         summed = merge_over_stages(summed, self.par)
         record = {"step": self.step, "tokens": self.tokens}
         record.update(metrics.summarise(summed, self.par.dp_size))
-        record["lr"] = self.lr * self.lr_factor(self.step)  # what the schedule set for the next step
+        for name, lr in self.lr.items():  # what the schedule set for the next step
+            record["lr" if len(self.lr) == 1 else f"lr/{name}"] = lr * self.lr_factor(self.step)
         record["tokens_per_s"] = tokens_per_s
         return record
 
@@ -361,21 +382,8 @@ class Trainer:
                                self.cfg.to_json())
 
     def _restore(self, checkpoint: Path) -> None:
-        saved = read_adapter(checkpoint).saes  # whole SAEs; a latent-parallel rank keeps its rows
-        for layer in sae_layers(self.model) if self.model is not None else []:
-            if layer.module_path not in saved:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} has no SAE on {layer.module_path!r}: it was written for other "
-                    "target modules."
-                )
-            whole = saved[layer.module_path]
-            for name, tensor in (("sae_W_enc", whole.W_enc), ("sae_b_enc", whole.b_enc),
-                                 ("sae_W_dec", whole.W_dec), ("sae_b_dec", whole.b_dec)):
-                param = getattr(layer, name)["default"]
-                if tensor.shape != param.shape:
-                    tensor = shard_rows(tensor, self.par.tp_group)
-                with torch.no_grad():
-                    param.copy_(tensor)
+        for s in self.saes:
+            self._restore_sae(checkpoint, s.name)
         saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
         state = load_trainer_state(checkpoint, self.par, saved_tp)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
@@ -393,6 +401,25 @@ class Trainer:
                 layer.sae_tokens_since_fired[adapter_name].copy_(counters)
             layer.sae_needs_init.update(state["needs_init"][layer.module_path])
         self.step, self.tokens = state["step"], state["tokens"]
+
+    def _restore_sae(self, checkpoint: Path, adapter: str) -> None:
+        """One SAE of the run from the adapter saved in `checkpoint` (a sweep's in its subdirectory): whole
+        SAEs, of which a latent-parallel rank keeps its rows."""
+        saved = read_adapter(adapter_path(checkpoint, adapter)).saes
+        for layer in sae_layers(self.model) if self.model is not None else []:
+            if layer.module_path not in saved:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} has no SAE on {layer.module_path!r}: it was written for other "
+                    "target modules."
+                )
+            whole = saved[layer.module_path]
+            for name, tensor in (("sae_W_enc", whole.W_enc), ("sae_b_enc", whole.b_enc),
+                                 ("sae_W_dec", whole.W_dec), ("sae_b_dec", whole.b_dec)):
+                param = getattr(layer, name)[adapter]
+                if tensor.shape != param.shape:
+                    tensor = shard_rows(tensor, self.par.tp_group)
+                with torch.no_grad():
+                    param.copy_(tensor)
 
     def _reshard_optimizer_state(self, state: dict, reshard) -> dict:
         """`state` (an optimizer state dict) with the per-latent moments of latent-parallel SAEs passed
@@ -442,16 +469,18 @@ class Trainer:
             return
         self.model.save_pretrained(directory, state_dict=state)  # PEFT writes this stage's SAEs ...
         if self.par.pp_size > 1:
-            add_stage_saes(directory, state, list(self.cfg.target_modules))  # ... and the other stages' join
+            for s in self.saes:  # ... and the other stages' join
+                add_stage_saes(adapter_path(directory, s.name), state, list(self.cfg.target_modules), s.name)
 
     def _save_final_adapter(self) -> None:
-        """The output directory ends as a standard PEFT adapter, never a mix of two (see publish_adapter)."""
+        """The output directory ends as a standard PEFT adapter (a sweep's: one in a subdirectory per SAE),
+        never a mix of two (see publish_adapter)."""
         if self.par.rank != self.writer_rank:
             self._whole_adapter_state()
             return
         with staging_directory(self.cfg.output_dir / "adapter") as staged:
             self._save_adapter(staged)
-            publish_adapter(staged, self.cfg.output_dir)
+            publish_adapter(staged, self.cfg.output_dir, [s.name for s in self.saes])
 
 
 def train(cfg: TrainConfig) -> Path:
