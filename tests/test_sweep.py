@@ -150,3 +150,18 @@ def test_a_sweep_file_and_a_comma_list_are_one_too_many(host_dir, text_data, tmp
         config(host_dir, text_data, tmp_path / "run", sweep=sweep_file, k=(2, 4))
     with pytest.raises(SettingError, match="--k must be at least 1, got 0"):
         config(host_dir, text_data, tmp_path / "run", k=(2, 0))
+
+
+def test_bench_sweep_times_the_sweep_against_its_runs_and_compares_their_saes(host_dir, text_data, tmp_path):
+    from megasae.bench.sweep import format_table, parse_args, run
+
+    args = parse_args(["--model", str(host_dir), "--data", str(text_data), "--target", "model.layers.1",
+                       "--k", "2,4", "--max-tokens", "256", "--batch-size", "4", "--ctx-len", "16",
+                       "--device", "cpu"])
+    result = run(args, tmp_path)
+    assert [s["name"] for s in result["saes"]] == ["k2", "k4"]
+    for sae in result["saes"]:
+        assert sae["max_abs_weight_difference"] < 1e-5
+        assert sae["final_fvu_sweep"] == pytest.approx(sae["final_fvu_alone"], rel=1e-5)
+    assert result["speedup"] == pytest.approx(result["alone_wall_s"] / result["sweep_wall_s"])
+    assert "| k4 |" in format_table(result)

@@ -27,9 +27,16 @@ def _interop(args: list[str]) -> None:
     main(args)
 
 
+def _sweep(args: list[str]) -> None:
+    from megasae.bench.sweep import main
+
+    main(args)
+
+
 BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "kernels": _kernels,
     "train": _train,
     "parallel": _parallel,
     "interop": _interop,
+    "sweep": _sweep,
 }
