@@ -198,3 +198,14 @@ def test_reading_a_cache_takes_the_same_memory_whatever_its_size(tmp_path):
 
     small, large = peak_mib(1), peak_mib(8)
     assert large < small + 48, (small, large)  # the whole 256 MiB cache in memory would add ~224 MiB
+
+
+def test_a_sweep_trains_from_the_cache_as_its_runs_do(cache, tmp_path):
+    Trainer(train_config(cache, tmp_path / "sweep", k=(2, 4))).fit()
+    for k in (2, 4):
+        Trainer(train_config(cache, tmp_path / f"k{k}", k=k)).fit()
+        alone = load_file(tmp_path / f"k{k}" / "adapter_model.safetensors")
+        swept = load_file(tmp_path / "sweep" / f"k{k}" / "adapter_model.safetensors")
+        assert alone.keys() == swept.keys()
+        for key in alone:
+            torch.testing.assert_close(swept[key], alone[key], rtol=1e-5, atol=1e-6)

@@ -34,7 +34,8 @@ def assert_same_run(one, split):
         return json.loads((d / "adapter_config.json").read_text())
 
     assert sorted(config(split)["target_modules"]) == sorted(config(one)["target_modules"])
-    for want, have in zip(records(one), records(split), strict=True):
+    run_one, run_split = (d if (d / "metrics.jsonl").is_file() else d.parent for d in (one, split))
+    for want, have in zip(records(run_one), records(run_split), strict=True):
         assert have.keys() == want.keys()
         for key in want:
             if key != "tokens_per_s":
@@ -88,3 +89,17 @@ def test_zero1_is_refused_under_pp_up_front(host_dir, tmp_path):
     with pytest.raises(ValueError, match="--zero1 shards Adam's state over data-parallel ranks only"):
         cfg = parallel_config(host_dir, tmp_path / "unread.parquet", tmp_path / "out", pp=2, zero1=True)
         Trainer(cfg, par=par)
+
+
+def test_a_sweep_over_two_stages_saves_each_sae_whole(host_dir, tmp_path):
+    """Each SAE of a sweep gathers its targets from both stages into its own adapter directory, with its own
+    gradient clip over both stages: the adapters and metrics of one process."""
+    data = text_rows(tmp_path / "text.parquet")
+    targets = ("model.layers.0", "model.layers.2")
+    Trainer(parallel_config(host_dir, data, tmp_path / "one", target_modules=targets, k=(2, 4),
+                            grad_clip=0.05)).fit()
+    split = parallel_config(host_dir, data, tmp_path / "pp2", target_modules=targets, pp=2, k=(2, 4),
+                            grad_clip=0.05)
+    run_ranks(train_and_resume_rank, 2, split)
+    for name in ("k2", "k4"):
+        assert_same_run(tmp_path / "one" / name, tmp_path / "pp2" / name)

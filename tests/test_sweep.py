@@ -33,18 +33,19 @@ def _same_tensors(a: dict, b: dict) -> None:
 
 
 def test_each_sae_of_a_sweep_is_the_sae_of_its_own_run(host_dir, text_data, tmp_path):
-    """Two targets, a grid of k x lr (the default lr follows num_latents, so the widths differ too): every
-    SAE of the sweep equals, weights and metrics, a run of its settings alone."""
+    """Two targets, a grid of k x width (the default lr follows the width): every SAE of the sweep equals,
+    weights and metrics, a run of its settings alone. The clip (small enough to act at every step) bounds
+    each SAE's gradient over its own targets."""
     sweep = tmp_path / "sweep"
-    Trainer(config(host_dir, text_data, sweep, target_modules=TARGETS, k=(2, 4), expansion_factor=(2, 4),
-                   lr=None)).fit()
+    shared = dict(target_modules=TARGETS, lr=None, grad_clip=0.05)
+    Trainer(config(host_dir, text_data, sweep, k=(2, 4), expansion_factor=(2, 4), **shared)).fit()
     runs = {"k2-x2": dict(k=2, expansion_factor=2), "k2-x4": dict(k=2, expansion_factor=4),
             "k4-x2": dict(k=4, expansion_factor=2), "k4-x4": dict(k=4, expansion_factor=4)}
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "checkpoints") == sorted(runs)
     records = [json.loads(line) for line in (sweep / "metrics.jsonl").read_text().splitlines()]
     for name, settings in runs.items():
         alone = tmp_path / name
-        Trainer(config(host_dir, text_data, alone, target_modules=TARGETS, lr=None, **settings)).fit()
+        Trainer(config(host_dir, text_data, alone, **shared, **settings)).fit()
         _same_tensors(adapter_tensors(sweep / name), adapter_tensors(alone))
         own = [json.loads(line) for line in (alone / "metrics.jsonl").read_text().splitlines()]
         for target in TARGETS:
