@@ -58,6 +58,9 @@ def test_each_sae_of_a_sweep_is_the_sae_of_its_own_run(host_dir, text_data, tmp_
     host, _ = load_host_model(host_dir)
     model = PeftSaeModel.from_pretrained(host, sweep / "k2-x4")
     assert model.get_base_model().model.layers[1].sae_W_enc["default"].shape == (128, 32)
+    with pytest.raises(ValueError, match=r"holds several adapters \(a sweep's\), one per subdirectory: name "
+                                         f"one of {sweep / 'k2-x2'}, "):
+        PeftSaeModel.from_pretrained(host, sweep)
     assert (sweep / "curves.png").is_file()
 
 

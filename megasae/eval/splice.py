@@ -16,11 +16,12 @@ from megasae.parallel import ParallelState
 from megasae.parallel.loading import load_host_tensor_parallel
 from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, sae_layers
+from megasae.peft.config import DEFAULT_ADAPTER
 from megasae.peft.layer import Replacement, TopKSaeLayer
 from megasae.peft.shard import shard_saes
 
 
-def adapter_settings(layer: TopKSaeLayer, adapter: str = "default") -> tuple[int, int]:
+def adapter_settings(layer: TopKSaeLayer, adapter: str = DEFAULT_ADAPTER) -> tuple[int, int]:
     """(num_latents, k) of a layer's SAE."""
     return layer.num_latents(adapter), layer.sae_spec[adapter].k
 

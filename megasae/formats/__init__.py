@@ -35,6 +35,10 @@ def detect(path: Path) -> str:
         return "saelens"
     if sparsify.is_hookpoint(path) or any(sparsify.is_hookpoint(sub) for sub in path.iterdir()):
         return "sparsify"
+    named = sorted(sub.name for sub in path.iterdir() if (sub / adapter.CONFIG_FILE).is_file())
+    if named:
+        raise ValueError(f"{path} holds several adapters (a sweep's), one per subdirectory: name one of "
+                         f"{', '.join(str(path / name) for name in named)}.")
     raise ValueError(
         f"{path} holds none of the SAE formats megasae reads: a megasae or original-project adapter "
         f"({adapter.CONFIG_FILE} + {adapter.WEIGHTS_FILE}), a SAELens SAE (cfg.json + "

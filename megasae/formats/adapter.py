@@ -28,7 +28,7 @@ from megasae.formats.saes import (
     take,
     tensor_names,
 )
-from megasae.peft.config import PEFT_TYPE, TopKSaeConfig
+from megasae.peft.config import DEFAULT_ADAPTER, PEFT_TYPE, TopKSaeConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ORIGINAL_ENCODER = ".sae_encoder.weight"
@@ -120,11 +120,11 @@ def write(saes: SaeSet, directory: Path) -> None:
 
 def adapter_path(directory: str | Path, adapter: str) -> Path:
     """Where peft saves the adapter named `adapter` of a model saved in `directory`."""
-    return Path(directory) if adapter == "default" else Path(directory, adapter)
+    return Path(directory) if adapter == DEFAULT_ADAPTER else Path(directory, adapter)
 
 
 def add_stage_saes(directory: Path, state: dict[str, Tensor], target_modules: list[str],
-                   adapter: str = "default") -> None:
+                   adapter: str = DEFAULT_ADAPTER) -> None:
     """Complete the adapter `adapter` that one pipeline stage's model saved in `directory` with the other
     stages' SAE tensors in `state` (keyed as in model.state_dict()) and list every target in its config: one
     standard adapter for the whole pipeline, as one process would have saved it."""

@@ -9,6 +9,7 @@ import torch
 from peft.config import PeftConfig
 
 PEFT_TYPE = "TOPK_SAE"
+DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in the directory itself
 
 SAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from megasae.files import fix_modes, write_atomic
 from megasae.formats.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_path
+from megasae.peft.config import DEFAULT_ADAPTER
 from megasae.train.checkpoint import checkpoint_root
 from megasae.train.config import SAES_RECORD
-from megasae.train.sweep import DEFAULT_ADAPTER
 
 ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # the order they are replaced in
 RUN_FILES = (*ADAPTER_FILES, "config.json", "metrics.jsonl")

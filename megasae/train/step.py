@@ -10,13 +10,14 @@ from torch import nn
 
 from megasae.parallel import ParallelState, sum_gradients
 from megasae.parallel.distributed import clip_grad_norm_
+from megasae.peft.config import DEFAULT_ADAPTER
 from megasae.peft.control import adapter_parameters
 from megasae.peft.shard import sharded_parameters
 
 
 def sae_step(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
              par: ParallelState | None = None, grad_clip: float = 0.0,
-             adapters: Sequence[str] = ("default",)) -> None:
+             adapters: Sequence[str] = (DEFAULT_ADAPTER,)) -> None:
     """Sum the SAE gradients over the data-parallel ranks, remove each decoder row's gradient component along
     the row, clip the gradient norm of each of the `adapters` over all its targets (every rank and stage;
     `grad_clip` 0: no clipping), step and zero the optimizer, and renormalise the decoder rows. On a pipeline

@@ -22,11 +22,11 @@ import yaml
 
 from megasae.checks import check_at_least, check_types
 from megasae.errors import SettingError
+from megasae.peft.config import DEFAULT_ADAPTER
 
 SWEPT = ("k", "num_latents", "expansion_factor", "lr", "auxk_alpha")
 # How a generated adapter name spells each swept setting: k16-lr0p0003.
 SHORT_NAMES = {"k": "k", "num_latents": "m", "expansion_factor": "x", "lr": "lr", "auxk_alpha": "auxk"}
-DEFAULT_ADAPTER = "default"  # the adapter of a run that does not sweep, saved in the output directory itself
 
 
 def default_learning_rate(num_latents: int) -> float:
