@@ -44,7 +44,8 @@ def cache_command(args: list[str]) -> None:
     from megasae.train.cache import CacheConfig, write_cache
 
     out = write_cache(tyro.cli(CacheConfig, args=args, prog="megasae cache"))
-    print(f"wrote {out / MANIFEST}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out / MANIFEST}")
 
 
 def eval_command(args: list[str]) -> None:

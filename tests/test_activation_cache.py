@@ -17,6 +17,8 @@ from megasae.models import load_host_model
 from megasae.train import TrainConfig, Trainer
 from megasae.train.cache import CacheConfig, write_cache
 
+from distributed import run_ranks
+
 TARGETS = ("model.layers.0", "model.layers.1")
 
 
@@ -209,3 +211,25 @@ def test_a_sweep_trains_from_the_cache_as_its_runs_do(cache, tmp_path):
         assert alone.keys() == swept.keys()
         for key in alone:
             torch.testing.assert_close(swept[key], alone[key], rtol=1e-5, atol=1e-6)
+
+
+def _cache_rank(rank, world_size, cfg):
+    write_cache(cfg)
+
+
+@pytest.mark.parametrize("split", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_a_cache_written_by_a_split_host_holds_the_same_activations(host_dir, text_data, cache, tmp_path,
+                                                                     split):
+    """Two ranks run the host (its layers split, or its stages, with model.layers.0 and model.layers.1 on
+    different stages of the 3-layer host cut at its last target) and rank 0 writes what both recorded:
+    the rows, shards and manifest one process writes."""
+    out = tmp_path / "split"
+    run_ranks(_cache_rank, 2, cache_config(host_dir, text_data, out, **split))
+    one, two = (json.loads((d / "manifest.json").read_text()) for d in (cache, out))
+    assert two["targets"] == one["targets"] and two["settings"] == one["settings"]
+    assert [s["tokens"] for s in two["shards"]] == [s["tokens"] for s in one["shards"]]
+    for mine, theirs in zip(two["shards"], one["shards"], strict=True):
+        got, expected = load_file(out / mine["file"]), load_file(cache / theirs["file"])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)

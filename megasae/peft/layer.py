@@ -103,14 +103,16 @@ def module_widths(module: nn.Module, module_path: str) -> tuple[int, int]:
     )
 
 
-def _module_input(module_path: str, args: tuple, kwargs: dict) -> Tensor:
+def module_input(module_path: str, args: tuple, kwargs: dict) -> Tensor:
+    """The first input of a module call: what a transcoder reads."""
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
     if not isinstance(x, Tensor):
         raise TypeError(f"The transcoder on {module_path!r} needs a tensor as the module's first input.")
     return x
 
 
-def _hidden_state(module_path: str, result: Any) -> Tensor:
+def hidden_state(module_path: str, result: Any) -> Tensor:
+    """The hidden state a module call returned: the tensor, or the first element of a tuple."""
     hidden = result[0] if isinstance(result, tuple) else result
     if not isinstance(hidden, Tensor):
         raise TypeError(
@@ -248,7 +250,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(*args, **kwargs)
         if self.disable_adapters or not self.active_saes:
             return result
-        hidden = _hidden_state(self.module_path, result)
+        hidden = hidden_state(self.module_path, result)
         session = self.capture_session
         replaces = session is not None and self.module_path in session.replace
         if self._splicing() or self.hidden_record is not None or replaces:
@@ -259,7 +261,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         if len(transcode) > 1:
             raise ValueError(f"The SAEs {adapters} on {self.module_path!r} read different inputs (some are "
                              "transcoders); activate SAEs or transcoders only.")
-        sae_in = _module_input(self.module_path, args, kwargs) if transcode.pop() else hidden
+        sae_in = module_input(self.module_path, args, kwargs) if transcode.pop() else hidden
         if self._splicing():
             x_hat = self._reconstruct(adapters[0], sae_in).to(hidden.dtype)
             if self.hidden_record is not None:

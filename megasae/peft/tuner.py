@@ -13,24 +13,36 @@ from megasae.peft.config import TopKSaeConfig
 from megasae.peft.layer import TopKSaeLayer
 
 
-def check_targets_exist(model: nn.Module, config: TopKSaeConfig) -> None:
-    """Fail on any target that names no module, showing the closest real module names.
+def _names(name: str, target: str) -> bool:
+    """Whether module `name` is what `target` names: itself, or a suffix of it at a dot (as in peft)."""
+    return name == target or name.endswith(f".{target}")
+
+
+def target_paths(model: nn.Module, targets: str | list[str] | set[str] | tuple[str, ...]) -> list[str]:
+    """The paths of the modules `targets` (names or suffixes, or one regex) name, in the model's order; a
+    target that names no module fails, showing the closest real module names.
 
     peft only complains when nothing matched; a list with one typo would silently train fewer SAEs.
     """
-    targets = config.target_modules
-    if not targets:
-        raise ValueError("TopKSaeConfig.target_modules is empty: name the modules to attach SAEs to.")
     names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):
-        missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
+        found = [name for name in names if re.fullmatch(targets, name)]
+        missing = [] if found else [targets]
     else:
-        missing = [t for t in sorted(targets) if not any(n == t or n.endswith(f".{t}") for n in names)]
+        found = [n for n in names if any(_names(n, t) for t in targets)]
+        missing = [t for t in sorted(targets) if not any(_names(n, t) for n in names)]
     for target in missing:
         closest = difflib.get_close_matches(target, names, n=5, cutoff=0.0)
         raise ValueError(
             f"Target module {target!r} not found in {type(model).__name__}; closest module names: {closest}."
         )
+    return found
+
+
+def check_targets_exist(model: nn.Module, config: TopKSaeConfig) -> None:
+    if not config.target_modules:
+        raise ValueError("TopKSaeConfig.target_modules is empty: name the modules to attach SAEs to.")
+    target_paths(model, config.target_modules)
 
 
 class TopKSaeModel(BaseTuner):

@@ -1,6 +1,9 @@
 """`megasae cache`: run the host once over the data and keep what the token mask keeps of each target's
 activations (megasae.data.activations has the layout). Resumable: the manifest is rewritten after every
-shard with the data position after it, so an interrupted cache continues where it stopped."""
+shard with the data position after it, so an interrupted cache continues where it stopped.
+
+Under --tp/--pp (torchrun with tp x pp ranks) the host is split as for training: every rank reads the same
+batches, the first TP rank of each pipeline stage hands the rows of its targets to rank 0, which writes."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -19,9 +23,13 @@ from megasae.data.activations import FORMAT, MANIFEST, sha256, shard_name, tenso
 from megasae.files import fix_modes, write_atomic
 from megasae.models import load_host_model
 from megasae.models.loading import DEFAULT_MODEL_NAME
-from megasae.parallel.distributed import resolve_device
+from megasae.parallel import ParallelState, init_distributed
+from megasae.parallel.architectures import architecture
+from megasae.parallel.loading import load_host_tensor_parallel
+from megasae.parallel.pipeline import PipelineStage, stage_targets
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
-from megasae.peft.layer import module_widths
+from megasae.peft.layer import hidden_state, module_input, module_widths
+from megasae.peft.tuner import target_paths
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -66,13 +74,18 @@ class CacheConfig:
     """Where the host runs; auto picks CUDA when available."""
     seed: int = 0
     """Seed of the data order."""
+    tp: int = 1
+    """Tensor-parallel size: the host's layers split over this many ranks (torchrun with tp x pp ranks)."""
+    pp: int = 1
+    """Pipeline-parallel size: the host's decoder layers up to the last target split into this many stages."""
 
     def __post_init__(self):
         check_types(self)
-        check_at_least(self, 1, "max_tokens", "shard_tokens", "ctx_len", "micro_batch_size")
+        check_at_least(self, 1, "max_tokens", "shard_tokens", "ctx_len", "micro_batch_size", "tp", "pp")
 
     def settings(self) -> dict:
-        """What a continued cache must share with the one it continues (and a run with its host)."""
+        """What a continued cache must share with the one it continues (and a run with its host); not --tp
+        or --pp, which do not change the activations."""
         data = self.data
         if data != "builtin" and Path(data).exists():
             data = str(Path(data).resolve())
@@ -88,26 +101,26 @@ class CacheConfig:
 
 
 class _Recorder:
-    """Forward hooks that keep, per target, the rows the token mask keeps; the last target ends the
-    forward."""
+    """Forward hooks that keep, per target of this rank, the rows the token mask keeps. Without a pipeline
+    the last target ends the forward; a pipeline stage runs all its layers, since it hands its hidden state
+    on."""
 
     class Done(Exception):
         pass
 
-    def __init__(self, host: nn.Module, paths: list[str], transcode: bool):
+    def __init__(self, host: nn.Module, paths: list[str], transcode: bool, stop_after_last: bool):
         self.rows: dict[str, list[Tensor]] = {}
         self.mask: Tensor | None = None
         self.transcode = transcode
         for path in paths:
             host.get_submodule(path).register_forward_hook(
-                self._hook(path, path == paths[-1]), with_kwargs=True
+                self._hook(path, stop_after_last and path == paths[-1]), with_kwargs=True
             )
 
     def _hook(self, path: str, last: bool):
         def hook(module, args, kwargs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            module_input = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
-            read = [module_input, hidden] if self.transcode else [hidden]
+            hidden = hidden_state(path, output)
+            read = [module_input(path, args, kwargs), hidden] if self.transcode else [hidden]
             for name, tensor in zip(tensor_names(path, self.transcode), read):
                 self.rows.setdefault(name, []).append(tensor[self.mask].detach())
             if last:
@@ -115,81 +128,137 @@ class _Recorder:
 
         return hook
 
+    def take(self) -> dict[str, Tensor]:
+        """The rows recorded since the last call, per tensor name, on the CPU."""
+        rows = {name: torch.cat(parts).cpu() for name, parts in self.rows.items()}
+        self.rows.clear()
+        return rows
 
-def resolve_targets(host: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """The full module paths that `targets` (names or suffixes) name, in the host's module order."""
-    names = [name for name, _ in host.named_modules() if name]
-    found = [n for n in names if any(n == t or n.endswith(f".{t}") for t in targets)]
-    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-    if missing:
-        raise ValueError(f"Target module {missing[0]!r} not found in {type(host).__name__}.")
-    return found
+
+class _CacheHost:
+    """The host as this rank runs it: whole, split over the TP group, or this rank's pipeline stage of it,
+    with the targets of its layers (`paths`, full module paths in the host's order)."""
+
+    def __init__(self, cfg: CacheConfig, par: ParallelState):
+        self.par, self.stage = par, None
+        dtype = DTYPES[cfg.dtype]
+        if par.tp_size > 1 or par.pp_size > 1:
+            self.host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), par,
+                                                                  dtype=dtype)
+        else:
+            self.host, self.processor = load_host_model(cfg.model, dtype=dtype, device=par.device)
+        targets = list(cfg.target_modules)
+        if par.pp_size > 1:
+            arch = architecture(self.host.config)
+            last_layer = max(arch.layer_of(name) for name in targets)
+            self.stage = PipelineStage(self.host, par, last_layer)
+            targets = stage_targets(arch, targets, last_layer, par)
+        self.paths = target_paths(self.host, targets) if targets else []
+        self.widths = {path: module_widths(self.host.get_submodule(path), path)[1] for path in self.paths}
+
+    def forward(self, inputs: dict[str, Tensor]) -> None:
+        if self.stage is not None:
+            self.stage.forward(self.host, **inputs)
+            return
+        try:
+            self.host(**inputs)
+        except _Recorder.Done:
+            pass
+
+    @property
+    def records(self) -> bool:
+        """Whether this rank hands its rows to the writer: the first TP rank of each stage (the TP ranks of
+        a stage hold the same activations)."""
+        return self.par.tp_rank == 0
+
+    def gather(self, mine: dict) -> dict | None:
+        """Every stage's `mine` (a dict keyed by target tensor) merged on rank 0, in stage order; None
+        elsewhere."""
+        if self.par.pp_group is None:
+            return mine if self.par.is_main else None
+        if not self.records:
+            return None
+        parts = [None] * self.par.pp_size if self.par.is_main else None
+        dist.gather_object(mine, parts, dst=0, group=self.par.pp_group)
+        return {key: value for part in parts for key, value in part.items()} if parts is not None else None
+
+
+def _continued_manifest(cfg: CacheConfig) -> dict | None:
+    """The manifest of the interrupted cache `cfg` continues (None for a new one), refused when its settings
+    differ or it is complete."""
+    out, settings = cfg.output_dir, cfg.settings()
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    changed = [f"{key} {manifest['settings'].get(key)!r} -> {value!r}" for key, value in settings.items()
+               if manifest["settings"].get(key) != value]
+    if changed:
+        raise ValueError(
+            f"--output-dir {out} holds a cache made with other settings ({'; '.join(changed)}): "
+            "continue it with the same ones or choose another directory."
+        )
+    if manifest["complete"]:
+        raise FileExistsError(f"--output-dir {out} holds a complete cache of {manifest['tokens']:,} "
+                              "activations; choose another directory.")
+    return manifest
 
 
 def write_cache(cfg: CacheConfig) -> Path:
+    par = init_distributed(cfg.device, tp=cfg.tp, pp=cfg.pp)
+    if par.dp_size > 1:
+        raise ValueError(f"megasae cache runs one copy of the host: launch --tp x --pp = {cfg.tp * cfg.pp} "
+                         f"ranks, not {par.world_size}.")
     out = cfg.output_dir
-    manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    settings = cfg.settings()
-    if manifest is not None:
-        changed = [f"{key} {manifest['settings'].get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if manifest["settings"].get(key) != value]
-        if changed:
-            raise ValueError(
-                f"--output-dir {out} holds a cache made with other settings ({'; '.join(changed)}): "
-                "continue it with the same ones or choose another directory."
-            )
-        if manifest["complete"]:
-            raise FileExistsError(f"--output-dir {out} holds a complete cache of {manifest['tokens']:,} "
-                                  "activations; choose another directory.")
-    out.mkdir(parents=True, exist_ok=True)
-    host, processor = load_host_model(cfg.model, dtype=DTYPES[cfg.dtype], device=resolve_device(cfg.device))
-    paths = resolve_targets(host, cfg.target_modules)
-    batches = build_batches(cfg.data, processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, rank=0,
-                            world_size=1, seed=cfg.seed, text_column=cfg.text_column,
+    manifest = _continued_manifest(cfg)
+    if par.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    host = _CacheHost(cfg, par)
+    batches = build_batches(cfg.data, host.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size,
+                            rank=0, world_size=1, seed=cfg.seed, text_column=cfg.text_column,
                             messages_column=cfg.messages_column, images_column=cfg.images_column,
                             tokens=cfg.tokens)
-    if manifest is None:
-        widths = {path: module_widths(host.get_submodule(path), path)[1] for path in paths}
-        manifest = {"format": FORMAT, "settings": settings, "complete": False, "tokens": 0, "shards": [],
-                    "targets": {p: {"width": widths[p], "transcode": cfg.transcode} for p in paths},
+    widths = host.gather(host.widths if host.records else {})
+    if manifest is None and par.is_main:
+        targets = {path: {"width": width, "transcode": cfg.transcode} for path, width in widths.items()}
+        manifest = {"format": FORMAT, "settings": cfg.settings(), "complete": False, "tokens": 0,
+                    "shards": [], "targets": targets,
                     "token_policy": {**DEFAULT_TOKEN_POLICY, "tokens": cfg.tokens, "outlier_factor": None},
                     "data_state": None}
-    elif manifest["data_state"] is not None:
+    if manifest is not None and manifest["data_state"] is not None:
         batches.load_state_dict(manifest["data_state"])
-    recorder = _Recorder(host, list(manifest["targets"]), cfg.transcode)
-    device = resolve_device(cfg.device)
+    recorder = _Recorder(host.host, host.paths, cfg.transcode, stop_after_last=host.stage is None)
+    done = manifest["tokens"] if manifest is not None else 0
     with torch.inference_mode():
-        while manifest["tokens"] < cfg.max_tokens:
+        while done < cfg.max_tokens:
             kept = 0
-            while kept < min(cfg.shard_tokens, cfg.max_tokens - manifest["tokens"]):
+            while kept < min(cfg.shard_tokens, cfg.max_tokens - done):
                 batch = next(batches)
-                recorder.mask = batch.token_mask.to(device)
-                try:
-                    host(**{k: v.to(device) for k, v in batch.inputs.items()})
-                except _Recorder.Done:
-                    pass
+                recorder.mask = batch.token_mask.to(par.device)
+                host.forward({k: v.to(par.device) for k, v in batch.inputs.items()})
                 kept += int(batch.token_mask.sum())
-            _write_shard(out, manifest, recorder, DTYPES[cfg.cache_dtype], batches.state_dict())
-    manifest["complete"] = True
-    write_atomic(manifest_path, json.dumps(manifest, indent=1))
+            done += kept
+            rows = host.gather(recorder.take() if host.records else {})
+            if rows is not None:
+                _write_shard(out, manifest, rows, DTYPES[cfg.cache_dtype], batches.state_dict())
+    if par.is_main:
+        manifest["complete"] = True
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
     return out
 
 
-def _write_shard(
-    out: Path, manifest: dict, recorder: _Recorder, dtype: torch.dtype, data_state: dict
-) -> None:
-    """The recorded rows as the next shard, then the manifest that lists it (both atomic: a crash between
-    them leaves a shard the manifest does not list, which the next run overwrites)."""
-    tensors = {name: torch.cat(parts).to(dtype).cpu().contiguous() for name, parts in recorder.rows.items()}
-    recorder.rows.clear()
+def _write_shard(out: Path, manifest: dict, rows: dict[str, Tensor], dtype: torch.dtype,
+                 data_state: dict) -> None:
+    """`rows` as the next shard, then the manifest that lists it (both atomic: a crash between them leaves a
+    shard the manifest does not list, which the next run overwrites)."""
+    tensors = {name: tensor.to(dtype).contiguous() for name, tensor in rows.items()}
     name = shard_name(len(manifest["shards"]))
     tmp = out / f".{name}.tmp"
     save_file(tensors, tmp)
     fix_modes(out)
     tmp.replace(out / name)
-    rows = next(iter(tensors.values())).shape[0]
-    manifest["shards"].append({"file": name, "tokens": rows, "sha256": sha256(out / name)})
-    manifest["tokens"] += rows
+    manifest["shards"].append({"file": name, "tokens": next(iter(tensors.values())).shape[0],
+                               "sha256": sha256(out / name)})
+    manifest["tokens"] += manifest["shards"][-1]["tokens"]
     manifest["data_state"] = data_state
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
