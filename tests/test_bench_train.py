@@ -76,3 +76,16 @@ def test_bench_train_with_sparsify(host_dir, tmp_path):
     ours = next(r for r in result["rows"] if r["name"] == "megasae train step")
     assert rows["masked"]["trained_tokens"] == ours["trained_tokens"]
     assert set(result["targets"]) == {"speed_2x", "fvu_no_worse"}
+
+
+def test_bench_train_from_cache_trains_on_the_same_activations_without_the_host(host_dir, tmp_path):
+    result = bench(host_dir, tmp_path / "r.json", "--skip-sparsify", "--from-cache")
+    rows = {r["name"]: r for r in result["rows"]}
+    host, cached = rows["megasae train step"], rows["megasae train step, from the cache"]
+    cache = result["cache"]
+    # The cache holds the activations the host trainer's mask keeps (before the per-batch outlier filter).
+    assert host["trained_tokens"] <= cache["activations"] <= 3 * 2 * 15
+    assert cached["trained_tokens"] <= cache["activations"] and cache["steps"] == cache["activations"] // 32
+    assert cache["bytes"] > cache["activations"] * 32 * 2  # float16 rows of width 32, plus the manifest
+    assert cached["vs_host"] == pytest.approx(cached["tokens_per_s"] / host["tokens_per_s"])
+    assert 0 < cached["heldout_masked"]["fvu"] < 10

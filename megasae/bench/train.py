@@ -89,6 +89,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="learning-rate warmup of both trainers (default 0: then both schedules are the same "
                         "linear decay; sparsify's warmup starts at lr 0, megasae's at lr/warmup)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-cache", action="store_true",
+                   help="also write an activation cache of the training tokens (megasae cache; its write "
+                        "time and size are reported) and train from it, in the same rounds")
     p.add_argument("--compile", action="store_true",
                    help="megasae train --compile: compiled host layers for megasae and its host-only ceiling")
     args = p.parse_args(argv)
@@ -288,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         trainer = Trainer(cfg)
         (num_latents,) = set(trainer.num_latents.values())
-        lr = cfg.learning_rate(num_latents)
+        (lr,) = trainer.lr.values()
         # The token batches, drawn once: training batches first, held-out batches after them.
         batches = [next(trainer.batches) for _ in range(args.steps + args.eval_batches)]
         train_batches, heldout = batches[:args.steps], batches[args.steps:]
@@ -316,6 +319,10 @@ def run(args: argparse.Namespace) -> dict:
                 # Compiles outside the timings.
                 truncated_forward(ceiling_host, args.target, heldout[0].inputs)
 
+        cached, cache_facts = None, None
+        if args.from_cache:
+            cached, cache_facts = trainer_from_cache(args, cfg, train_batches, work)
+
         all_runs: list[SparsifyRun] = []
         sparsify_error = None
         if args.sparsify_variants:
@@ -340,9 +347,9 @@ def run(args: argparse.Namespace) -> dict:
                     print(f"warning: {err}", file=sys.stderr)
             runs = [r for r in all_runs if r.error is None]
 
-            megasae_clock, host_clock, full_clock = Clock(), Clock(), Clock()
+            megasae_clock, host_clock, full_clock, cache_clock = Clock(), Clock(), Clock(), Clock()
             train_fvu: list[float] = []
-            trained_tokens = 0
+            trained_tokens = cache_trained_tokens = 0
             base_model = host.get_submodule(host.base_model_prefix)
             num_rounds = -(-args.steps // args.round_steps)
             for rnd in range(num_rounds):
@@ -356,6 +363,13 @@ def run(args: argparse.Namespace) -> dict:
                         (sums,) = metrics.sums.values()
                         train_fvu.append(sums["fvu"])
                         trained_tokens += int(sums["tokens"])
+
+                def cache_round():
+                    nonlocal cache_trained_tokens
+                    for _ in range(rnd * cached.steps // num_rounds, (rnd + 1) * cached.steps // num_rounds):
+                        with cache_clock:
+                            metrics, _ = cached.train_step()
+                        cache_trained_tokens += int(next(iter(metrics.sums.values()))["tokens"])
 
                 def host_round():
                     for batch in train_batches[first:first + args.host_batches]:
@@ -382,6 +396,8 @@ def run(args: argparse.Namespace) -> dict:
                     return step
 
                 turns = [megasae_round, host_round] + [sparsify_round(r) for r in runs]
+                if cached is not None:
+                    turns.append(cache_round)
                 shift = rnd % len(turns)
                 for turn in turns[shift:] + turns[:shift]:
                     turn()
@@ -422,6 +438,17 @@ def run(args: argparse.Namespace) -> dict:
             ours_row.update(host_s=host_s, sae_s=ours_row["step_s"] - host_s,
                             sae_share=(ours_row["step_s"] - host_s) / ours_row["step_s"])
         rows.append(ours_row)
+        if cached is not None:
+            cache_layer = sae_layers(cached.model)[0]
+            from_cache = {name: getattr(cache_layer, f"sae_{name}")["default"].detach()
+                          for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+            cache_row = {"name": "megasae train step, from the cache",
+                         **timing(cache_clock.wall, cache_clock.cpu, tokens_per_step),
+                         "trained_on": mask_desc, "trained_tokens": cache_trained_tokens,
+                         "heldout_masked": heldout_fvu(from_cache, eval_rows_masked, args.k),
+                         "heldout_all": heldout_fvu(from_cache, eval_rows_all, args.k)}
+            cache_row["vs_host"] = cache_row["tokens_per_s"] / ours_row["tokens_per_s"]
+            rows.append(cache_row)
         sparsify_rows = []
         for r in all_runs:
             row = {"name": VARIANT_LABELS[r.variant], "variant": r.variant, "error": r.error,
@@ -471,8 +498,38 @@ def run(args: argparse.Namespace) -> dict:
                 "eval_tokens_all": int(eval_rows_all.shape[0]),
             },
             "rows": rows,
+            "cache": cache_facts,
             "targets": targets(rows),
         }
+
+
+def trainer_from_cache(args: argparse.Namespace, cfg, train_batches: list, work: Path):
+    """(a Trainer on an activation cache of the activations `train_batches` keep, what writing it cost):
+    `megasae cache` over the same data and seed stores the same rows the host trainer reads."""
+    from megasae.data.activations import MANIFEST
+    from megasae.train import TrainConfig, Trainer
+    from megasae.train.cache import CacheConfig, write_cache
+
+    cache_dir = work / "cache"
+    kept = int(sum(batch.token_mask.sum() for batch in train_batches))
+    start = time.perf_counter()
+    write_cache(CacheConfig(output_dir=cache_dir, model=args.model, data=args.data,
+                            target_modules=(args.target,), max_tokens=kept, ctx_len=args.ctx_len,
+                            micro_batch_size=args.batch_size, seed=args.seed, device="cpu"))
+    seconds = time.perf_counter() - start
+    activations = json.loads((cache_dir / MANIFEST).read_text())["tokens"]
+    size = sum(f.stat().st_size for f in cache_dir.iterdir())
+    trainer = Trainer(TrainConfig(
+        activations=cache_dir, target_modules=(args.target,), k=args.k,
+        expansion_factor=args.expansion_factor, max_tokens=activations, batch_tokens=cfg.batch_tokens,
+        micro_batch_size=args.batch_size, ctx_len=args.ctx_len, warmup_steps=args.warmup_steps,
+        wandb_mode="disabled", output_dir=work / "cached", device="cpu", seed=args.seed,
+        outlier_factor=cfg.outlier_factor,
+    ))
+    facts = {"activations": activations, "write_s": seconds, "bytes": size, "steps": trainer.steps,
+             "write_s_per_million": seconds * 1e6 / activations,
+             "bytes_per_million": size * 1e6 / activations}
+    return trainer, facts
 
 
 def targets(rows: list[dict]) -> dict:
@@ -551,6 +608,13 @@ def format_table(result: dict) -> str:
         f = t["fvu_no_worse"]
         lines.append(f"target held-out FVU (masked) no worse than sparsify's best: {f['megasae']:.3f} vs "
                      f"{f['best_sparsify']:.3f} -> {'met' if f['met'] else 'NOT met'}")
+    cache = result.get("cache")
+    if cache is not None:
+        cached = next(row for row in result["rows"] if row["name"] == "megasae train step, from the cache")
+        lines.append(f"from the cache: {cached['vs_host']:.1f}x the tokens/s of the host step; the cache of "
+                     f"{cache['activations']:,} activations took {cache['write_s']:.0f} s and "
+                     f"{cache['bytes'] / 1e6:.1f} MB ({cache['write_s_per_million']:.0f} s and "
+                     f"{cache['bytes_per_million'] / 1e9:.2f} GB per million activations)")
     if result.get("sparsify_error"):
         lines.append(f"sparsify not run: {result['sparsify_error']}")
     la = result["load_average"]
