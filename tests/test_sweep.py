@@ -68,7 +68,8 @@ def test_a_sweep_file_names_its_saes_and_sets_each_one(host_dir, text_data, tmp_
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("- {k: 2, name: narrow}\n- {k: 4, auxk_alpha: 0.0, lr: 0.001}\n")
     out = tmp_path / "run"
-    cfg = config(host_dir, text_data, out, sweep=sweep_file)
+    cfg = config(host_dir, text_data, out, sweep=sweep_file, eval_every=6, eval_data=str(text_data),
+                 eval_tokens=128)
     assert cfg.saes() == [
         SaeSettings("narrow", k=2, num_latents=0, expansion_factor=4, lr=3e-3, auxk_alpha=1 / 32),
         SaeSettings("k4-lr0p001-auxk0", k=4, num_latents=0, expansion_factor=4, lr=1e-3, auxk_alpha=0.0),
@@ -78,6 +79,9 @@ def test_a_sweep_file_names_its_saes_and_sets_each_one(host_dir, text_data, tmp_
     Trainer(config(host_dir, text_data, alone, k=4, auxk_alpha=0.0, lr=1e-3)).fit()
     _same_tensors(adapter_tensors(out / "k4-lr0p001-auxk0"), adapter_tensors(alone))
     assert json.loads((out / "narrow" / "adapter_config.json").read_text())["k"] == 2
+    held_out = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    l0 = {name: held_out[f"eval/l0/{name}/model.layers.1"] for name in ("narrow", "k4-lr0p001-auxk0")}
+    assert 0 < l0["narrow"] <= 2 < l0["k4-lr0p001-auxk0"] <= 4
     assert [s["name"] for s in json.loads((out / "config.json").read_text())["saes"]] == [
         "narrow", "k4-lr0p001-auxk0"]
 
