@@ -84,7 +84,7 @@ def test_training_from_the_cache_needs_no_host_and_loads_on_the_host(host_dir, c
     def must_not_load(*args, **kwargs):
         raise AssertionError("the host was loaded")
 
-    monkeypatch.setattr("megasae.train.trainer.load_host_model", must_not_load)
+    monkeypatch.setattr("megasae.parallel.host.load_host_model", must_not_load)
     Trainer(train_config(cache, tmp_path / "run")).fit()
     monkeypatch.undo()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

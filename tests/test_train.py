@@ -155,7 +155,7 @@ def test_bad_data_fails_before_the_host_loads(host_dir, tmp_path, monkeypatch, d
     def must_not_load(*args, **kwargs):
         raise AssertionError("the host model was loaded before the data was checked")
 
-    monkeypatch.setattr("megasae.train.trainer.load_host_model", must_not_load)
+    monkeypatch.setattr("megasae.parallel.host.load_host_model", must_not_load)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         Trainer(config(host_dir, tmp_path / data, tmp_path / "out", tokens=tokens))
 

@@ -11,10 +11,9 @@ from torch import Tensor, nn
 
 from megasae import formats
 from megasae.eval.config import HeldOutData
-from megasae.models import load_host_model
 from megasae.parallel import ParallelState
-from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
+from megasae.parallel.host import build_host
+from megasae.parallel.pipeline import run_to_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, sae_layers
 from megasae.peft.config import DEFAULT_ADAPTER
 from megasae.peft.layer import Replacement, TopKSaeLayer
@@ -38,17 +37,10 @@ class EvalHost:
         # Any format megasae reads, every tensor checked before the host, which takes far longer to load.
         self.saes = formats.read(cfg.adapter)
         self.par = par
-        if par.tp_size > 1 or par.pp_size > 1:
-            host, self.processor = load_host_tensor_parallel(cfg.model, None, par, dtype=cfg.torch_dtype())
-        else:
-            host, self.processor = load_host_model(cfg.model, dtype=cfg.torch_dtype(),
-                                                   device=cfg.torch_device())
-        self.stage, mine = None, None
-        if par.pp_size > 1:
-            last_layer = host.config.get_text_config().num_hidden_layers - 1  # to the logits: every layer
-            self.stage = PipelineStage(host, par, last_layer)
-            mine = stage_targets(self.stage.arch, list(self.saes.saes), last_layer, par)
-        self.model, self.layers = _attach_adapter(host, cfg.adapter, self.saes.config, par, mine)
+        built = build_host(cfg.model, list(self.saes.saes), par, cfg.torch_dtype(), to_logits=True)
+        self.processor, self.stage = built.processor, built.stage
+        mine = built.targets if self.stage is not None else None
+        self.model, self.layers = _attach_adapter(built.host, cfg.adapter, self.saes.config, par, mine)
         self.targets = list(self.layers) if self.stage is None else list(self.saes.saes)
 
     @property

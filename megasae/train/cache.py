@@ -21,12 +21,9 @@ from megasae.checks import check_at_least, check_types
 from megasae.data import build_batches
 from megasae.data.activations import FORMAT, MANIFEST, sha256, shard_name, tensor_names
 from megasae.files import fix_modes, write_atomic
-from megasae.models import load_host_model
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel import ParallelState, init_distributed
-from megasae.parallel.architectures import architecture
-from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.parallel.pipeline import PipelineStage, stage_targets
+from megasae.parallel.host import build_host
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.peft.layer import hidden_state, module_input, module_widths
 from megasae.peft.tuner import target_paths
@@ -140,20 +137,10 @@ class _CacheHost:
     with the targets of its layers (`paths`, full module paths in the host's order)."""
 
     def __init__(self, cfg: CacheConfig, par: ParallelState):
-        self.par, self.stage = par, None
-        dtype = DTYPES[cfg.dtype]
-        if par.tp_size > 1 or par.pp_size > 1:
-            self.host, self.processor = load_host_tensor_parallel(cfg.model, list(cfg.target_modules), par,
-                                                                  dtype=dtype)
-        else:
-            self.host, self.processor = load_host_model(cfg.model, dtype=dtype, device=par.device)
-        targets = list(cfg.target_modules)
-        if par.pp_size > 1:
-            arch = architecture(self.host.config)
-            last_layer = max(arch.layer_of(name) for name in targets)
-            self.stage = PipelineStage(self.host, par, last_layer)
-            targets = stage_targets(arch, targets, last_layer, par)
-        self.paths = target_paths(self.host, targets) if targets else []
+        self.par = par
+        built = build_host(cfg.model, list(cfg.target_modules), par, DTYPES[cfg.dtype])
+        self.host, self.processor, self.stage = built.host, built.processor, built.stage
+        self.paths = target_paths(self.host, built.targets) if built.targets else []
         self.widths = {path: module_widths(self.host.get_submodule(path), path)[1] for path in self.paths}
 
     def forward(self, inputs: dict[str, Tensor]) -> None:

@@ -26,14 +26,13 @@ from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.files import staging_directory
 from megasae.formats.adapter import adapter_path, add_stage_saes
 from megasae.formats.adapter import read as read_adapter
-from megasae.models import compile_blocks, load_host_model
+from megasae.models import compile_blocks
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.models.replay import ReplayHost
 from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
-from megasae.parallel.architectures import architecture
 from megasae.parallel.distributed import merge_over_stages
-from megasae.parallel.loading import load_host_tensor_parallel
-from megasae.parallel.pipeline import PipelineStage, run_to_targets, stage_targets
+from megasae.parallel.host import build_host
+from megasae.parallel.pipeline import run_to_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.peft.control import adapter_parameters, sae_keys
@@ -120,7 +119,7 @@ class Trainer:
 
         self.host_name, self.data_name = cfg.model or DEFAULT_MODEL_NAME, cfg.data
         if cfg.activations is not None:
-            host = self._replay_host()
+            host, self.stage, targets = self._replay_host(), None, list(cfg.target_modules)
             self.batches = ActivationBatches(cfg.activations, self.micro_tokens, self.par.dp_rank,
                                              self.par.dp_size, cfg.seed)
         else:
@@ -129,13 +128,9 @@ class Trainer:
                              images_column=cfg.images_column, tokens=cfg.tokens)
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
             host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-            if self.par.tp_size > 1 or self.par.pp_size > 1:
-                # each rank reads its slices of its stage's layers
-                host, self.processor = load_host_tensor_parallel(
-                    cfg.model, list(cfg.target_modules), self.par, dtype=host_dtype
-                )
-            else:
-                host, self.processor = load_host_model(cfg.model, dtype=host_dtype, device=self.par.device)
+            built = build_host(cfg.model, list(cfg.target_modules), self.par, host_dtype)
+            host, self.processor, self.stage, targets = (built.host, built.processor, built.stage,
+                                                         built.targets)
             self.batches = build_batches(
                 cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
             )
@@ -155,12 +150,6 @@ class Trainer:
             base_model_name_or_path=self.host_name, dataset=self.data_name, ctx_len=cfg.ctx_len,
             token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
         ) for s in self.saes}
-        self.stage, targets = None, list(cfg.target_modules)
-        if self.par.pp_size > 1:
-            arch = architecture(host.config)
-            last_layer = max(arch.layer_of(name) for name in targets)
-            self.stage = PipelineStage(host, self.par, last_layer)
-            targets = stage_targets(arch, targets, last_layer, self.par)
         self.host = host
         torch.manual_seed(cfg.seed)  # each SAE's init derives from it (and its module path) on every rank
         # A pipeline stage that owns no target has no SAE: it only relays the hidden state.
