@@ -1,0 +1,89 @@
+"""BatchTopK codes (Bussmann et al. 2024) on the fused per-row encoder.
+
+Training keeps the k N largest of relu(pre) over a whole batch of N rows, so busy rows get more latents and
+quiet ones fewer; inference keeps, in each row, the latents whose pre-activation exceeds a threshold theta
+estimated during training (JumpReLU form), so a row's codes do not depend on its batch.
+
+Neither forms the [N, M] pre-activations. The fused encoder gives each row's k_max largest codes, sorted;
+both rules keep codes by value alone, so the codes a row keeps are a prefix of its sorted candidates and
+all of them are among the candidates unless a row keeps every one: then it may have more above the cut,
+and the encoder runs again with twice as many candidates (a warning says so). Under a latent-parallel
+group the candidates are gathered as for the per-token top-k, so the selection is exact and the same on
+every rank. Ties at the batch's cut are all kept.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megasae.sae.functional import encode
+
+# Candidates per row as a multiple of k: the batch's busiest rows rarely keep more than 4k codes.
+CANDIDATES_PER_K = 4
+# theta moves this fraction of the way to each batch's smallest kept code (SAELens's rate).
+THRESHOLD_RATE = 0.01
+
+
+def default_k_max(k: int, num_latents: int) -> int:
+    return min(CANDIDATES_PER_K * k, num_latents)
+
+
+def _kept(values: Tensor, k: int, threshold: Tensor | None) -> Tensor:
+    """Which candidate codes survive: the batch's k N largest positive ones, or those above `threshold`."""
+    if threshold is not None:
+        return values > threshold
+    positive = values > 0
+    if values.shape[0] == 0:
+        return positive
+    cut = values.detach().flatten().topk(k * values.shape[0], sorted=False).values.min()
+    return positive & (values >= cut)
+
+
+def batchtopk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    k_max: int,
+    threshold: Tensor | None = None,
+    latent_group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor, int]:
+    """(values, indices, k_max): BatchTopK codes of the rows `x` (threshold None: the batch selection of
+    training; else the inference rule pre > threshold), each [N, w] with w the most codes any row keeps
+    (the other slots hold 0), and the number of candidates per row it took, k_max or more."""
+    num_latents = W_enc.shape[0] * (1 if latent_group is None else dist.get_world_size(latent_group))
+    while True:
+        values, indices = encode(x, W_enc, b_enc, b_dec, k_max, None, latent_group)
+        kept = _kept(values, k, threshold)
+        if k_max == num_latents or not kept[:, -1].any():
+            break
+        wider = min(2 * k_max, num_latents)
+        warnings.warn(f"BatchTopK: a row kept all of its {k_max} candidate latents and may have more; "
+                      f"encoding again with {wider} candidates per row.", stacklevel=2)
+        k_max = wider
+    width = max(int(kept.sum(-1).max()) if kept.numel() else 0, 1)
+    return values.where(kept, 0)[:, :width], indices[:, :width], k_max
+
+
+@torch.no_grad()
+def update_threshold_(threshold: Tensor, values: Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Move theta (a 0-dim tensor, 0 before the first batch) towards the smallest code this batch kept,
+    averaged over the ranks of `group` so that data-parallel replicas keep one theta: a running mean
+    (exponential, rate THRESHOLD_RATE) that the first batch initialises."""
+    positive = values[values > 0]
+    stats = torch.stack([positive.min() if positive.numel() else values.new_zeros(()),
+                         values.new_tensor(float(positive.numel() > 0))]).to(threshold)
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    if stats[1] == 0:
+        return
+    smallest = stats[0] / stats[1]
+    if threshold > 0:
+        threshold.lerp_(smallest, THRESHOLD_RATE)
+    else:
+        threshold.copy_(smallest)
