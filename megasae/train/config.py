@@ -13,7 +13,7 @@ import yaml
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
 from megasae.errors import SettingError
-from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.peft.config import DEFAULT_TOKEN_POLICY, check_prefixes
 
 
 @dataclass
@@ -40,6 +40,14 @@ class TrainConfig:
     """Latents per input dimension when num_latents is 0."""
     transcode: bool = False
     """Train transcoders: read each target's input and predict its output."""
+    architecture: Literal["topk", "batchtopk"] = "topk"
+    """topk keeps k latents per token; batchtopk the k x N largest of each rank's batch of N tokens, and at
+    inference the latents above a threshold learnt in training."""
+    k_max: int | None = None
+    """BatchTopK's candidate latents per token; none means min(4 k, num_latents)."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """Nested dictionary sizes, increasing, the last one the number of latents: train each prefix of the
+    dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents; 0 turns it off."""
     dead_tokens_threshold: int = 10_000_000
@@ -119,6 +127,10 @@ class TrainConfig:
         check_at_least(self, 0, "num_latents", "auxk_alpha", "warmup_steps", "grad_clip", "save_every",
                        "eval_every")
         check_outlier_factor(self.outlier_factor)
+        if self.k_max is not None and self.k_max < self.k:
+            raise SettingError(f"--k-max must be at least --k ({self.k}), got {self.k_max}.")
+        check_prefixes(self.matryoshka_prefixes or None, self.num_latents or None, SettingError,
+                       "--matryoshka-prefixes")
         if self.lr is not None and self.lr <= 0:
             raise SettingError(f"--lr must be above 0, got {self.lr}.")
         if self.resume and self.overwrite:

@@ -148,6 +148,8 @@ class Trainer:
         self.sae_config = TopKSaeConfig(
             k=cfg.k, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=cfg.auxk_alpha,
+            architecture=cfg.architecture, k_max=cfg.k_max,
+            matryoshka_prefixes=list(cfg.matryoshka_prefixes) or None,
             dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
             base_model_name_or_path=self.host_name, dataset=self.data_name, ctx_len=cfg.ctx_len,
             token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
@@ -376,6 +378,8 @@ class Trainer:
                     tensor = shard_rows(tensor, self.par.tp_group)
                 with torch.no_grad():
                     param.copy_(tensor)
+            if whole.threshold is not None:  # BatchTopK's inference threshold, replicated on every rank
+                layer.sae_threshold["default"].copy_(whole.threshold)
         saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
         state = load_trainer_state(checkpoint, self.par, saved_tp)
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
