@@ -11,7 +11,6 @@ A capture session (`megasae.capture`) always captures. In either mode a forward 
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,7 +77,7 @@ class SaeSpec:
     compute_dtype: torch.dtype
     relu: bool
     architecture: str = "topk"
-    k_max: int = 0  # BatchTopK's candidates per token (widened when a batch needs more)
+    k_max: int = 0  # BatchTopK's candidates per token
     prefixes: tuple[int, ...] = ()  # Matryoshka prefix sizes, the last one all latents; () for one size
     prefix_weights: tuple[float, ...] = ()
 
@@ -330,11 +329,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         if spec.architecture == "topk":
             return sae.encode(rows, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
         threshold = None if self.training and not self._splicing() else self._inference_threshold(adapter)
-        values, indices, k_max = sae.batchtopk_encode(rows, W_enc, b_enc, pre_bias, spec.k, spec.k_max,
-                                                      threshold, self.latent_group)
-        if k_max != spec.k_max:  # this batch needed more candidates per token: later batches start there
-            self.sae_spec[adapter] = dataclasses.replace(spec, k_max=k_max)
-        return values, indices
+        return sae.batchtopk_encode(rows, W_enc, b_enc, pre_bias, spec.k, spec.k_max, threshold,
+                                    self.latent_group)
 
     def _inference_threshold(self, adapter: str) -> Tensor:
         threshold = self.sae_threshold[adapter]

@@ -5,11 +5,12 @@ quiet ones fewer; inference keeps, in each row, the latents whose pre-activation
 estimated during training (JumpReLU form), so a row's codes do not depend on its batch.
 
 Neither forms the [N, M] pre-activations. The fused encoder gives each row's k_max largest codes, sorted;
-both rules keep codes by value alone, so the codes a row keeps are a prefix of its sorted candidates and
-all of them are among the candidates unless a row keeps every one: then it may have more above the cut,
-and the encoder runs again with twice as many candidates (a warning says so). Under a latent-parallel
-group the candidates are gathered as for the per-token top-k, so the selection is exact and the same on
-every rank. Ties at the batch's cut are all kept.
+both rules keep codes by value alone, so the codes a row keeps are a prefix of its sorted candidates, and
+all of them are among the candidates unless a row keeps every one: such a row may have more above the cut,
+so the rows that did are encoded again with twice as many candidates (a warning says so), which can only
+raise the batch's cut, never lower it below a code the other rows left out. Under a latent-parallel group
+the candidates are gathered as for the per-token top-k, so the selection is exact and the same on every
+rank. Ties at the batch's cut are all kept.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from megasae.sae.functional import encode
@@ -52,22 +54,33 @@ def batchtopk_encode(
     k_max: int,
     threshold: Tensor | None = None,
     latent_group: dist.ProcessGroup | None = None,
-) -> tuple[Tensor, Tensor, int]:
-    """(values, indices, k_max): BatchTopK codes of the rows `x` (threshold None: the batch selection of
-    training; else the inference rule pre > threshold), each [N, w] with w the most codes any row keeps
-    (the other slots hold 0), and the number of candidates per row it took, k_max or more."""
+) -> tuple[Tensor, Tensor]:
+    """(values, indices): BatchTopK codes of the rows `x` (threshold None: the batch selection of training;
+    else the inference rule pre > threshold) from k_max candidates per row or more, each [N, w] with w the
+    most codes any row keeps (the other slots hold 0)."""
     num_latents = W_enc.shape[0] * (1 if latent_group is None else dist.get_world_size(latent_group))
+    values, indices = encode(x, W_enc, b_enc, b_dec, k_max, None, latent_group)
     while True:
-        values, indices = encode(x, W_enc, b_enc, b_dec, k_max, None, latent_group)
         kept = _kept(values, k, threshold)
-        if k_max == num_latents or not kept[:, -1].any():
+        full = kept[:, -1]
+        if values.shape[1] == num_latents or not full.any():
             break
-        wider = min(2 * k_max, num_latents)
-        warnings.warn(f"BatchTopK: a row kept all of its {k_max} candidate latents and may have more; "
-                      f"encoding again with {wider} candidates per row.", stacklevel=2)
-        k_max = wider
+        warnings.warn("BatchTopK: some rows kept all of their candidate latents and may have more; those "
+                      "rows are encoded again with twice as many (a larger k_max avoids it).", stacklevel=2)
+        values, indices = _widen(x, full.nonzero()[:, 0], values, indices, W_enc, b_enc, b_dec,
+                                 min(2 * values.shape[1], num_latents), latent_group)
     width = max(int(kept.sum(-1).max()) if kept.numel() else 0, 1)
-    return values.where(kept, 0)[:, :width], indices[:, :width], k_max
+    return values.where(kept, 0)[:, :width], indices[:, :width]
+
+
+def _widen(x: Tensor, rows: Tensor, values: Tensor, indices: Tensor, W_enc: Tensor, b_enc: Tensor,
+           b_dec: Tensor | None, width: int, latent_group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """The candidates [N, width]: `rows` encoded again with `width` candidates, the other rows' padded with
+    zero codes (which no rule keeps)."""
+    wider_values, wider_indices = encode(x[rows], W_enc, b_enc, b_dec, width, None, latent_group)
+    pad = (0, width - values.shape[1])
+    return (F.pad(values, pad).index_copy(0, rows, wider_values),
+            F.pad(indices, pad).index_copy(0, rows, wider_indices))
 
 
 @torch.no_grad()
