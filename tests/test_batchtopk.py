@@ -268,6 +268,24 @@ def test_tp2_equals_one_process(tmp_path):
     assert (tmp_path / "ok").exists()
 
 
+def _dp_rank(rank, world_size, xs, result_file):
+    model = _model()
+    with model.capture(group=dist.group.WORLD) as outputs:
+        model(xs[rank])
+    values = outputs["down"].values.detach()
+    assert (values > 0).sum() == CONFIG["k"] * xs[rank].shape[0]  # k x N over this rank's own N tokens
+    smallest = [torch.zeros(()) for _ in range(world_size)]
+    dist.all_gather(smallest, values[values > 0].min())
+    torch.testing.assert_close(_layer(model).sae_threshold["default"], torch.stack(smallest).mean())
+    if rank == 0:
+        torch.save(True, result_file)
+
+
+def test_data_parallel_ranks_select_over_their_own_batch_and_share_one_threshold(tmp_path):
+    run_ranks(_dp_rank, 2, [torch.randn(10, 16), 3 * torch.randn(14, 16)], tmp_path / "ok")
+    assert (tmp_path / "ok").exists()
+
+
 # -- formats -------------------------------------------------------------------------------------------------
 
 def test_saelens_export_is_its_jumprelu_sae_and_reads_back(tmp_path):
