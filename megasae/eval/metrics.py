@@ -84,11 +84,7 @@ class ReconstructionStats:
         frequency = (self.fired.double() / max(n, 1)).tolist()
         fvu = _ratio(self.squared_error, self.total_variance)
         l0 = (torch.arange(self.l0_counts.numel()) * self.l0_counts).sum().item()
-        prefixes = {"prefix_fvu": {m: _ratio(error, self.total_variance)
-                                   for m, error in self.prefix_squared_error.items()}} \
-            if self.prefix_squared_error else {}
-        return {
-            **prefixes,
+        summary = {
             "tokens": n,
             "fvu": fvu,
             "explained_variance": None if fvu is None else 1 - fvu,
@@ -101,6 +97,10 @@ class ReconstructionStats:
             "l0_histogram": self.l0_counts.tolist(),
             "firing_frequency": frequency,
         }
+        if self.prefix_squared_error:  # a Matryoshka SAE
+            summary["prefix_fvu"] = {m: _ratio(error, self.total_variance)
+                                     for m, error in self.prefix_squared_error.items()}
+        return summary
 
 
 def next_token_log_probs(logits: Tensor, positions: Tensor) -> Tensor:

@@ -386,14 +386,13 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         total_var = sae.total_variance(target, group)
         fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
-        prefix_x_hat = {}
+        prefix_x_hat, prefix_fvu, reconstruction = {}, {}, fvu
         if spec.prefixes:  # the last prefix holds every latent: its reconstruction is x_hat
             prefix_x_hat = sae.prefix_reconstructions(values, indices, W_dec, b_dec, spec.prefixes[:-1],
                                                       self.latent_group) | {spec.prefixes[-1]: x_hat}
-        prefix_fvu = {m: sae.fraction_of_variance_unexplained(target, rows, total_var)
-                      for m, rows in prefix_x_hat.items()}
-        reconstruction = sum(w * f for w, f in zip(spec.prefix_weights, prefix_fvu.values())) if prefix_fvu \
-            else fvu
+            prefix_fvu = {m: sae.fraction_of_variance_unexplained(target, rows, total_var)
+                          for m, rows in prefix_x_hat.items()}
+            reconstruction = sum(w * f for w, f in zip(spec.prefix_weights, prefix_fvu.values()))
         dead_mask = self.sae_tokens_since_fired[adapter] >= spec.dead_tokens_threshold
         auxk = torch.zeros_like(fvu)
         if spec.auxk_alpha > 0 and torch.is_grad_enabled():
