@@ -69,8 +69,10 @@ def batchtopk_encode(
                       "rows are encoded again with twice as many (a larger k_max avoids it).", stacklevel=2)
         values, indices = _widen(x, full.nonzero()[:, 0], values, indices, W_enc, b_enc, b_dec,
                                  min(2 * values.shape[1], num_latents), latent_group)
-    width = max(int(kept.sum(-1).max()) if kept.numel() else 0, 1)
-    return values.where(kept, 0)[:, :width], indices[:, :width]
+    # Kept codes are a prefix of each row: the columns holding any are the first `width`. Contiguous, as the
+    # decode's forward and backward would each copy them otherwise.
+    width = max(int(kept.any(0).sum()), 1)
+    return values[:, :width].where(kept[:, :width], 0), indices[:, :width].contiguous()
 
 
 def _widen(x: Tensor, rows: Tensor, values: Tensor, indices: Tensor, W_enc: Tensor, b_enc: Tensor,
