@@ -110,6 +110,8 @@ def test_train_eval_and_resume_a_matryoshka_batchtopk_sae(host_dir, words_data, 
     assert threshold > 0
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["fvu_prefix_64"] == pytest.approx(records[-1]["fvu"])  # the training batches' too
+    assert {"fvu_prefix_16", "fvu_prefix_32"} <= set(records[-1])
     final = evaluate(eval_config(host_dir, out, words_data, max_tokens=128, seed=0, outlier_factor=10.0))
     stats = final["targets"][TARGET]["groups"]["all"]
     assert stats["prefix_fvu"][64] == pytest.approx(stats["fvu"])
