@@ -21,6 +21,12 @@ def _parallel(args: list[str]) -> None:
     main(args)
 
 
+def _quality(args: list[str]) -> None:
+    from megasae.bench.quality import main
+
+    main(args)
+
+
 def _interop(args: list[str]) -> None:
     from megasae.bench.interop import main
 
@@ -32,4 +38,5 @@ BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "train": _train,
     "parallel": _parallel,
     "interop": _interop,
+    "quality": _quality,
 }
