@@ -100,12 +100,12 @@ def test_inspect_reads_an_exported_folder_as_it_reads_the_adapter(trained, host_
 
 
 def test_the_built_in_host_is_recorded_by_its_hub_name(host_dir, words_data, tmp_path, monkeypatch):
-    import megasae.train.trainer as trainer_module
+    import megasae.parallel.host as host_module
     from megasae.models import load_host_model
 
     # The tiny host stands in for the built-in SmolLM2, which loads from a local GGUF converted into a cache.
-    monkeypatch.setattr(trainer_module, "load_host_model", lambda path, **kw: load_host_model(host_dir, **kw))
+    monkeypatch.setattr(host_module, "load_host_model", lambda path, **kw: load_host_model(host_dir, **kw))
     trainer = Trainer(TrainConfig(data=str(words_data), target_modules=(TARGET,), k=4, expansion_factor=2,
                                   ctx_len=16, micro_batch_size=4, batch_tokens=64, max_tokens=64,
                                   wandb_mode="disabled", output_dir=tmp_path, device="cpu"))
-    assert trainer.sae_config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert trainer.sae_configs["default"].base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -355,8 +355,8 @@ def test_saelens_decoder_norm_rescaling_and_no_input_bias_fold_into_megasae_weig
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"architecture": "jumprelu"}, "has architecture 'jumprelu'; megasae reads SAELens SAEs with "
-                                   "architecture 'topk'"),
+    ({"architecture": "gated"}, "has architecture 'gated'; megasae reads SAELens SAEs with "
+                                "architecture 'topk' or 'jumprelu'"),
     ({"normalize_activations": "expected_average_only_in"}, "has normalize_activations"),
     ({"metadata": {}}, "names no hook_name: megasae cannot tell which module the SAE reads"),
     ({"k": 65}, r"has k = 65; it must be an integer from 1 to the 64 latents"),

@@ -1,4 +1,4 @@
-"""Peak memory of an SAE training step on the kernels: far below one N x M float32 tensor.
+"""Peak memory of an SAE training step on the kernels, TopK and BatchTopK: far below one N x M float32 tensor.
 
 Measured in a subprocess as the growth of its peak RSS (VmHWM, reset through /proc/self/clear_refs)
 over the resident size before the step, so imports and the inputs do not count; glibc maps every
@@ -27,6 +27,7 @@ package = types.ModuleType("megasae")
 package.__path__ = [{package_dir!r}]
 sys.modules["megasae"] = package
 import megasae.ops as ops
+from megasae.sae.batchtopk import batchtopk_encode
 
 torch.set_num_threads(2)
 N, M, D, K = {N}, {M}, {D}, {K}
@@ -59,6 +60,7 @@ def peak_mib(encode, decode, M):
 
 out = {{"kernels": peak_mib(ops.topk_encode, ops.sparse_decode, M)}}
 out["kernels_quarter_M"] = peak_mib(ops.topk_encode, ops.sparse_decode, M // 4)
+out["batchtopk"] = peak_mib(lambda *args: batchtopk_encode(*args, 4 * K), ops.sparse_decode, M)
 out["dense"] = peak_of(lambda: torch.empty(N, M).fill_(1.0))
 print(json.dumps(out))
 """
@@ -99,3 +101,6 @@ def test_step_peak_memory_far_below_dense():
     # Growing M 4x adds the gradients' growth and nothing else of note.
     growth = peaks["kernels"] - peaks["kernels_quarter_M"]
     assert abs(growth - grads_mib * 3 / 4) < 16, peaks
+    # BatchTopK: on these random rows the busiest keep about 400 codes, so those rows are encoded again with
+    # up to 512 candidates ([N, 512] values and indices: 24 MiB); still no [N, M] tensor.
+    assert peaks["batchtopk"] < DENSE_MIB / 8, peaks

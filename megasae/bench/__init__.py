@@ -21,6 +21,12 @@ def _parallel(args: list[str]) -> None:
     main(args)
 
 
+def _quality(args: list[str]) -> None:
+    from megasae.bench.quality import main
+
+    main(args)
+
+
 def _interop(args: list[str]) -> None:
     from megasae.bench.interop import main
 
@@ -39,4 +45,5 @@ BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "parallel": _parallel,
     "interop": _interop,
     "sweep": _sweep,
+    "quality": _quality,
 }

@@ -1,4 +1,4 @@
-"""`megasae bench kernels`: one SAE training step, four ways, side by side in one process.
+"""`megasae bench kernels`: one SAE training step, five ways, side by side in one process.
 
 For every shape (N tokens, width d, M latents, k) it times, interleaved repeat by repeat so that
 machine noise hits them alike, and reports the median after warm-up:
@@ -8,7 +8,9 @@ machine noise hits them alike, and reports the median after warm-up:
 - naive:    a dense PyTorch step: dense pre-activations, topk, dense decode, FVU, backward;
 - sparsify: EleutherAI sparsify's fused path (its fused encoder, its decoder, FVU, backward),
             when `eai-sparsify` is importable;
-- megasae:  megasae.ops.topk_encode + sparse_decode + FVU + backward.
+- megasae:  megasae.ops.topk_encode + sparse_decode + FVU + backward;
+- batchtopk: megasae's BatchTopK step: the batch's k N largest codes from 4k candidates per row
+            (megasae.sae.batchtopk) + sparse_decode + FVU + backward.
 
 Every step starts with the gradients set to None, as after `zero_grad()`. Peak memory is each
 step's growth above what was resident before it: on a GPU the caching allocator's peak; on the CPU
@@ -20,7 +22,8 @@ the median seconds, the ratio to the floor and the peak memory; --json writes ev
 forward always runs under bf16 autocast, so its fp32 row is a mixed-precision step; compare it with
 megasae's tf32 or bf16 rows. --profile prints where megasae's step spends its time, op by op.
 
-Only torch and megasae.ops are imported, so the benchmark runs wherever the extension is built.
+Only torch, megasae.ops and megasae.sae are imported, so the benchmark runs wherever the extension is
+built.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_SHAPES = [f"4096x576x{M}x{k}" for M in (4608, 18432, 73728) for k in (32, 128)]
-PATHS = ("floor", "naive", "sparsify", "megasae")
+PATHS = ("floor", "naive", "sparsify", "megasae", "batchtopk")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -154,6 +157,24 @@ class Megasae(Step):
         fvu(self.x, x_hat).backward()
 
 
+class BatchTopK(Megasae):
+    name = "batchtopk"
+
+    def __init__(self, t: dict[str, torch.Tensor], shape: Shape):
+        from megasae.sae import batchtopk
+
+        super().__init__(t, shape)
+        self.batchtopk = batchtopk
+        self.k_max = batchtopk.default_k_max(shape.k, shape.M)
+
+    def __call__(self) -> None:
+        self.zero_grad()
+        W_enc, b_enc, b_dec, W_dec = self.params
+        values, indices = self.batchtopk.batchtopk_encode(self.x, W_enc, b_enc, b_dec, self.k, self.k_max)
+        x_hat = self.ops.sparse_decode(indices, values, W_dec, b_dec)
+        fvu(self.x, x_hat).backward()
+
+
 class Sparsify(Step):
     """sparsify's own module and forward: fused encoder, its decoder (Triton on a GPU, embedding_bag
     on the CPU), FVU, backward."""
@@ -253,6 +274,7 @@ def build_steps(shape: Shape, args, sparsify) -> dict[str, Step]:
         "naive": lambda: Naive(t, shape),
         "sparsify": lambda: Sparsify(t, shape, sparsify),
         "megasae": lambda: Megasae(t, shape, args.chunk_size),
+        "batchtopk": lambda: BatchTopK(t, shape),
     }
     return {p: builders[p]() for p in args.paths if p != "sparsify" or sparsify is not None}
 
@@ -347,6 +369,8 @@ def summarize(rows: list[dict]) -> list[str]:
         for other in ("naive", "sparsify"):
             if other in paths:
                 parts.append(f"{paths[other]['median_s'] / me:.2f}x faster than {other}")
+        if "batchtopk" in paths:
+            parts.append(f"BatchTopK {paths['batchtopk']['median_s'] / me:.2f}x its TopK step")
         lines.append(", ".join(parts))
     return lines
 

@@ -97,7 +97,8 @@ def _add_reconstruction(stats: dict[str, ReconstructionStats], out: sae.SaeOutpu
     """One batch of an SAE's output (`out`, on the `kept` positions) into its stats per token group."""
     for group, group_stats in stats.items():
         rows = where[group][kept]
-        group_stats.add(out.target[rows], out.x_hat[rows], out.values[rows], out.indices[rows])
+        group_stats.add(out.target[rows], out.x_hat[rows], out.values[rows], out.indices[rows],
+                        {m: prefix_rows[rows] for m, prefix_rows in out.prefix_x_hat.items()})
 
 
 def _add_predictions(stats: dict[str, NextTokenStats], labels: Tensor, where: dict[str, Tensor],

@@ -44,15 +44,16 @@ class HeldOutEval:
             for batch in self._batches():
                 inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
                 for path, out in forward(inputs, batch.token_mask.to(self.device)).items():
-                    stats[path].add(out.target, out.x_hat, out.values, out.indices)
+                    stats[path].add(out.target, out.x_hat, out.values, out.indices, out.prefix_x_hat)
         finally:
             if model is not None:
                 model.train(was_training)
         per_target = {}
         for path, target_stats in stats.items():
             summary = target_stats.summary()
+            prefixes = {f"eval/fvu_prefix_{m}": fvu for m, fvu in summary.get("prefix_fvu", {}).items()}
             per_target[path] = {"eval/fvu": summary["fvu"], "eval/l0": summary["l0"],
-                                "eval/dead_pct": 100 * summary["dead_fraction"]}
+                                "eval/dead_pct": 100 * summary["dead_fraction"], **prefixes}
         return per_target
 
 

@@ -45,10 +45,14 @@ class ReconstructionStats:
         self.cosine = 0.0
         self.norm_ratio = 0.0
         self.fired = torch.zeros(num_latents, dtype=torch.long)  # tokens each latent fired on
-        self.l0_counts = torch.zeros(k + 1, dtype=torch.long)  # tokens with each number of active latents
+        # Tokens with each number of active latents: at most k for TopK, any for BatchTopK at inference.
+        self.l0_counts = torch.zeros(k + 1, dtype=torch.long)
+        self.prefix_squared_error: dict[int, float] = {}  # a Matryoshka SAE's, per prefix size
 
     @torch.no_grad()
-    def add(self, target: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor) -> None:
+    def add(self, target: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor,
+            prefix_x_hat: dict[int, Tensor] | None = None) -> None:
+        """One batch; `prefix_x_hat`: a Matryoshka SAE's reconstruction from each prefix of its latents."""
         n = target.shape[0]
         if n == 0:
             return
@@ -64,19 +68,23 @@ class ReconstructionStats:
         self.mean += delta * (n / total)
         self.tokens = total
         self.squared_error += (target - x_hat).double().pow(2).sum().item()
+        for m, prefix_rows in (prefix_x_hat or {}).items():
+            error = (target - prefix_rows.float()).double().pow(2).sum().item()
+            self.prefix_squared_error[m] = self.prefix_squared_error.get(m, 0.0) + error
         self.cosine += F.cosine_similarity(x_hat, target, dim=-1).double().sum().item()
         target_norm = target.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
         self.norm_ratio += (x_hat.norm(dim=-1) / target_norm).double().sum().item()
         active = values != 0  # negative codes are active too in SAEs without ReLU
         self.fired += torch.bincount(indices[active].cpu(), minlength=self.fired.numel())
-        self.l0_counts += torch.bincount(active.sum(-1).cpu(), minlength=self.l0_counts.numel())
+        counts = torch.bincount(active.sum(-1).cpu(), minlength=self.l0_counts.numel())
+        self.l0_counts = F.pad(self.l0_counts, (0, counts.numel() - self.l0_counts.numel())) + counts
 
     def summary(self) -> dict:
         n = self.tokens
         frequency = (self.fired.double() / max(n, 1)).tolist()
         fvu = _ratio(self.squared_error, self.total_variance)
         l0 = (torch.arange(self.l0_counts.numel()) * self.l0_counts).sum().item()
-        return {
+        summary = {
             "tokens": n,
             "fvu": fvu,
             "explained_variance": None if fvu is None else 1 - fvu,
@@ -89,6 +97,10 @@ class ReconstructionStats:
             "l0_histogram": self.l0_counts.tolist(),
             "firing_frequency": frequency,
         }
+        if self.prefix_squared_error:  # a Matryoshka SAE
+            summary["prefix_fvu"] = {m: _ratio(error, self.total_variance)
+                                     for m, error in self.prefix_squared_error.items()}
+        return summary
 
 
 def next_token_log_probs(logits: Tensor, positions: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 directories of peft_type "TOPK_SAE", told apart by their tensor names.
 
 - megasae: `base_model.model.<path>.sae_W_enc` [M, d_in], `sae_b_enc` [M], `sae_W_dec` [M, d_out],
-  `sae_b_dec` [d_out]; codes relu(topk(pre)) unless the config says `relu_codes: false`.
+  `sae_b_dec` [d_out], and for `architecture: batchtopk` `sae_threshold` [] (the inference threshold);
+  codes relu(topk(pre)) unless the config says `relu_codes: false`.
 - the original project: `base_model.model.<path>.sae_encoder.weight` [M, d] (no encoder bias), `sae_W_dec`
   [M, d], `sae_b_dec` [d]; its forward is x_hat = W_dec^T topk(W_enc (x - b_dec)) + b_dec with the raw top-k
   values (no ReLU); its targets are nn.Linear modules, whose output it reconstructs.
@@ -79,13 +80,16 @@ def read(path: Path) -> SaeSet:
     config = TopKSaeConfig.from_pretrained(str(path))
     file = path / WEIGHTS_FILE
     tensors = load_tensors(file)
+    batchtopk = config.architecture == "batchtopk"
+    names = (*WEIGHT_NAMES, "threshold") if batchtopk else WEIGHT_NAMES
     saes = {}
-    for module in _module_paths(tensors, file, tuple(f".sae_{name}" for name in WEIGHT_NAMES)):
+    for module in _module_paths(tensors, file, tuple(f".sae_{name}" for name in names)):
         key = f"{WEIGHT_PREFIX}{module}.sae_"
         W_enc = take(tensors, file, key + "W_enc", (None, None))
         W_dec = take(tensors, file, key + "W_dec", (W_enc.shape[0], None))
         saes[module] = SaeWeights(W_enc, take(tensors, file, key + "b_enc", (W_enc.shape[0],)), W_dec,
-                                  take(tensors, file, key + "b_dec", (W_dec.shape[1],)))
+                                  take(tensors, file, key + "b_dec", (W_dec.shape[1],)),
+                                  take(tensors, file, key + "threshold", ()) if batchtopk else None)
         check_k(config.k, W_enc.shape[0], f"{path / CONFIG_FILE} (SAE on {module!r})")
     return SaeSet(config, saes, path, "megasae")
 

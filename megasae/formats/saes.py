@@ -23,12 +23,14 @@ WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 @dataclass
 class SaeWeights:
-    """One SAE in megasae's layout: W_enc [M, d_in], b_enc [M], W_dec [M, d_out], b_dec [d_out]."""
+    """One SAE in megasae's layout: W_enc [M, d_in], b_enc [M], W_dec [M, d_out], b_dec [d_out], and a
+    BatchTopK SAE's inference threshold (a 0-dim tensor; None for TopK)."""
 
     W_enc: Tensor
     b_enc: Tensor
     W_dec: Tensor
     b_dec: Tensor
+    threshold: Tensor | None = None
 
     @property
     def num_latents(self) -> int:
@@ -55,7 +57,8 @@ class SaeSet:
     def state_dict(self) -> dict[str, Tensor]:
         """The tensors under the keys of megasae's adapter_model.safetensors."""
         return {f"{WEIGHT_PREFIX}{path}.sae_{name}": getattr(weights, name).contiguous()
-                for path, weights in self.saes.items() for name in WEIGHT_NAMES}
+                for path, weights in self.saes.items() for name in (*WEIGHT_NAMES, "threshold")
+                if getattr(weights, name) is not None}
 
 
 def load_tensors(file: Path) -> dict[str, Tensor]:

@@ -38,6 +38,11 @@ def check(saes: SaeSet) -> None:
                 f"The SAE on {path!r} keeps its raw top-k values without ReLU, which sparsify's SparseCoder "
                 "(ReLU before top-k) cannot express."
             )
+        if sae.threshold is not None:
+            raise ValueError(
+                f"The SAE on {path!r} is a BatchTopK SAE, whose inference threshold sparsify's TopK "
+                "SparseCoder cannot express; export it to SAELens (a JumpReLU SAE) instead."
+            )
         if sae.d_in != sae.d_out:
             raise ValueError(
                 f"The transcoder on {path!r} reads width {sae.d_in} and writes width {sae.d_out}; sparsify's "

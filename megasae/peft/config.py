@@ -13,6 +13,10 @@ DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in
 
 SAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# How codes are chosen in training: each token's k largest, or the batch's k x N largest (BatchTopK, whose
+# inference keeps the latents above a threshold learnt in training).
+ARCHITECTURES = ("topk", "batchtopk")
+
 # The token policy of training (DESIGN.md, "Token mask"): whether position 0 of every sequence and the special
 # tokens were left out, the activation-norm outlier factor (None: no outlier filter) and which modality's
 # positions (--tokens: all, text or image) the SAE read.
@@ -20,6 +24,19 @@ TOKEN_POLICY_KEYS = ("mask_position_0", "exclude_special_tokens", "outlier_facto
 # `megasae train`'s defaults, assumed for adapters that record no policy.
 DEFAULT_TOKEN_POLICY = {"mask_position_0": True, "exclude_special_tokens": True, "outlier_factor": 10.0,
                         "tokens": "all"}
+
+
+def check_prefixes(prefixes, num_latents: int | None, error: type[Exception],
+                   name: str = "matryoshka_prefixes") -> None:
+    """Refuse Matryoshka prefix sizes that are not positive and strictly increasing, or whose last one is not
+    `num_latents` (None: not known yet), with `error` and one sentence naming the setting `name`."""
+    if prefixes is None:
+        return
+    sizes = list(prefixes)
+    if not sizes or any(not isinstance(m, int) or m < 1 for m in sizes) or sizes != sorted(set(sizes)):
+        raise error(f"{name} must be positive integers in strictly increasing order, got {sizes}.")
+    if num_latents is not None and sizes[-1] != num_latents:
+        raise error(f"The last of {name} must be the number of latents ({num_latents}), got {sizes[-1]}.")
 
 
 @dataclass
@@ -43,6 +60,13 @@ class TopKSaeConfig(PeftConfig):
         init_sae_weights: False skips the random init (the weights are about to be loaded).
         relu_codes: Codes are relu(topk(pre)) (megasae, OpenAI, SAELens, sparsify); False keeps the raw
             top-k values, negative ones included (the original project's SAEs).
+        architecture: "topk" (k latents per token) or "batchtopk" (k x N per batch of N tokens in training,
+            pre > a learnt threshold at inference: megasae.sae.batchtopk).
+        k_max: BatchTopK's candidate latents per token; None means min(4 k, num_latents). Widened when a
+            batch keeps all of a token's candidates.
+        matryoshka_prefixes: Nested dictionary sizes m_1 < ... < num_latents: the loss is the weighted sum
+            of the FVUs of the reconstructions from latents < m_i (Matryoshka SAE); None trains one size.
+        matryoshka_weights: One weight per prefix; None means equal weights. They are normalised to sum to 1.
         token_policy: Which tokens the SAE was trained on (TOKEN_POLICY_KEYS); None when not recorded.
         ctx_len: Tokens per training sequence; None when not recorded.
         dataset: The training data as given to `megasae train`; None when not recorded.
@@ -90,6 +114,18 @@ class TopKSaeConfig(PeftConfig):
     relu_codes: bool = field(
         default=True, metadata={"help": "relu(topk(pre)) codes; False keeps the raw top-k values (no ReLU)."}
     )
+    architecture: Literal["topk", "batchtopk"] = field(
+        default="topk", metadata={"help": "topk (k per token) or batchtopk (k x N per batch of N tokens)."}
+    )
+    k_max: Optional[int] = field(
+        default=None, metadata={"help": "BatchTopK candidates per token; None means min(4 k, num_latents)."}
+    )
+    matryoshka_prefixes: Optional[list[int]] = field(
+        default=None, metadata={"help": "Nested dictionary sizes, increasing, the last = num_latents."}
+    )
+    matryoshka_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "Loss weight of each Matryoshka prefix; None means equal."}
+    )
     token_policy: Optional[dict] = field(
         default=None, metadata={"help": "The tokens trained on (TOKEN_POLICY_KEYS); None when not recorded."}
     )
@@ -129,6 +165,29 @@ class TopKSaeConfig(PeftConfig):
             raise ValueError(
                 f"compute_dtype must be None or one of {sorted(SAE_DTYPES)}, got {self.compute_dtype!r}."
             )
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}.")
+        if self.architecture == "batchtopk" and not self.relu_codes:
+            raise ValueError("A batchtopk SAE selects the codes after ReLU, so relu_codes must be True.")
+        if self.k_max is not None and not (isinstance(self.k_max, int) and self.k_max >= self.k):
+            raise ValueError(f"k_max must be None or an integer of at least k ({self.k}), got {self.k_max}.")
+        check_prefixes(self.matryoshka_prefixes, self.num_latents or None, ValueError)
+        if self.matryoshka_weights is not None and (
+            self.matryoshka_prefixes is None or len(self.matryoshka_weights) != len(self.matryoshka_prefixes)
+            or min(self.matryoshka_weights) < 0 or sum(self.matryoshka_weights) <= 0
+        ):
+            raise ValueError(
+                f"matryoshka_weights must give one non-negative weight per Matryoshka prefix "
+                f"({self.matryoshka_prefixes}), not all 0, got {self.matryoshka_weights}."
+            )
+
+    def prefix_weights(self) -> tuple[float, ...]:
+        """The Matryoshka prefixes' loss weights, summing to 1 (equal by default)."""
+        weights = self.matryoshka_weights or [1.0] * len(self.matryoshka_prefixes or ())
+        return tuple(w / sum(weights) for w in weights)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from megasae import sae
-from megasae.peft.config import TopKSaeConfig
+from megasae.peft.config import TopKSaeConfig, check_prefixes
 
 SaeMode = Literal["auto", "capture", "splice"]
 Replacement = Literal["sae", "zero"]
@@ -86,6 +86,10 @@ class SaeSpec:
     transcode: bool
     compute_dtype: torch.dtype
     relu: bool
+    architecture: str = "topk"
+    k_max: int = 0  # BatchTopK's candidates per token
+    prefixes: tuple[int, ...] = ()  # Matryoshka prefix sizes, the last one all latents; () for one size
+    prefix_weights: tuple[float, ...] = ()
 
 
 def module_widths(module: nn.Module, module_path: str) -> tuple[int, int]:
@@ -153,7 +157,9 @@ def _replace_rows(hidden: Tensor, kept: Tensor | None, new_rows: Tensor | int) -
 
 class TopKSaeLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
-    other_param_names = ("sae_spec", "sae_tokens_since_fired", "sae_needs_init")
+    # sae_threshold: a BatchTopK SAE's inference threshold, saved with the adapter but never trained by the
+    # optimizer (a buffer, so peft's set_adapter does not make it a trainable parameter).
+    other_param_names = ("sae_spec", "sae_tokens_since_fired", "sae_needs_init", "sae_threshold")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: TopKSaeConfig, module_path: str):
         super().__init__()
@@ -167,6 +173,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         self.sae_spec: dict[str, SaeSpec] = {}
         # Statistics, not weights: kept out of the saved adapter.
         self.sae_tokens_since_fired = BufferDict(persistent=False)
+        self.sae_threshold = BufferDict(persistent=True)
         # b_dec starts as the mean of the first training batch unless it was loaded.
         self.sae_needs_init: dict[str, bool] = {}
         self.sae_mode: SaeMode = "auto"
@@ -189,6 +196,11 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
                 f"k ({config.k}) must be at most the number of latents ({num_latents}) of the SAE on "
                 f"{self.module_path!r}."
             )
+        if config.k_max is not None and config.k_max > num_latents:
+            raise ValueError(f"k_max ({config.k_max}) must be at most the number of latents ({num_latents}) "
+                             f"of the SAE on {self.module_path!r}.")
+        check_prefixes(config.matryoshka_prefixes, num_latents, ValueError,
+                       f"matryoshka_prefixes of the SAE on {self.module_path!r}")
         device = next(self.base_layer.parameters(), torch.empty(0)).device
         if config.init_sae_weights:
             # Drawn on the CPU from a generator seeded by the global seed and the module path: the same SAE on
@@ -214,7 +226,13 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             transcode=config.transcode,
             compute_dtype=config.torch_compute_dtype,
             relu=config.relu_codes,
+            architecture=config.architecture,
+            k_max=config.k_max or sae.default_k_max(config.k, num_latents),
+            prefixes=tuple(config.matryoshka_prefixes or ()),
+            prefix_weights=config.prefix_weights(),
         )
+        if config.architecture == "batchtopk":  # 0: not estimated yet (the first training batch sets it)
+            self.sae_threshold[adapter_name] = torch.zeros((), dtype=torch.float32, device=device)
         self.sae_tokens_since_fired[adapter_name] = torch.zeros(num_latents, dtype=torch.long, device=device)
         self.sae_needs_init[adapter_name] = config.init_sae_weights
         self.set_adapter(self.active_adapters)
@@ -321,10 +339,29 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
         W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
         rows = sae_in.flatten(0, -2).to(W_enc.dtype)
-        spec = self.sae_spec[adapter]
-        values, indices = sae.encode(rows, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
+        values, indices = self._encode(adapter, rows, W_enc, b_enc, pre_bias)
         x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
+
+    def _encode(self, adapter: str, rows: Tensor, W_enc: Tensor, b_enc: Tensor,
+                pre_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The codes of `rows`: each token's top k, or BatchTopK's selection over the batch while training and
+        its threshold rule otherwise (splicing, evaluating), which does not depend on the batch."""
+        spec = self.sae_spec[adapter]
+        if spec.architecture == "topk":
+            return sae.encode(rows, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
+        threshold = None if self.training and not self._splicing() else self._inference_threshold(adapter)
+        return sae.batchtopk_encode(rows, W_enc, b_enc, pre_bias, spec.k, spec.k_max, threshold,
+                                    self.latent_group)
+
+    def _inference_threshold(self, adapter: str) -> Tensor:
+        threshold = self.sae_threshold[adapter]
+        if threshold <= 0:
+            raise ValueError(
+                f"The BatchTopK SAE on {self.module_path!r} has no inference threshold yet: train it for at "
+                "least one step before splicing or evaluating it."
+            )
+        return threshold
 
     def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> sae.SaeOutput:
         session = self.capture_session
@@ -350,6 +387,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             sae.update_dead_counters(
                 self.sae_tokens_since_fired[adapter], output.indices, output.values, group
             )
+            if adapter in self.sae_threshold:
+                sae.update_threshold_(self.sae_threshold[adapter], output.values, group)
         self.sae_output = output
         return output
 
@@ -365,10 +404,17 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     ) -> sae.SaeOutput:
         spec = self.sae_spec[adapter]
         W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
-        values, indices = sae.encode(x, W_enc, b_enc, pre_bias, spec.k, None, self.latent_group, spec.relu)
+        values, indices = self._encode(adapter, x, W_enc, b_enc, pre_bias)
         x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
         total_var = sae.total_variance(target, group)
         fvu = sae.fraction_of_variance_unexplained(target, x_hat, total_var)
+        prefix_x_hat, prefix_fvu, reconstruction = {}, {}, fvu
+        if spec.prefixes:  # the last prefix holds every latent: its reconstruction is x_hat
+            prefix_x_hat = sae.prefix_reconstructions(values, indices, W_dec, b_dec, spec.prefixes[:-1],
+                                                      self.latent_group) | {spec.prefixes[-1]: x_hat}
+            prefix_fvu = {m: sae.fraction_of_variance_unexplained(target, rows, total_var)
+                          for m, rows in prefix_x_hat.items()}
+            reconstruction = sum(w * f for w, f in zip(spec.prefix_weights, prefix_fvu.values()))
         dead_mask = self.sae_tokens_since_fired[adapter] >= spec.dead_tokens_threshold
         auxk = torch.zeros_like(fvu)
         if spec.auxk_alpha > 0 and torch.is_grad_enabled():
@@ -378,7 +424,8 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             )
         return sae.SaeOutput(
             x=x, target=target, x_hat=x_hat, values=values, indices=indices, fvu=fvu, auxk=auxk,
-            loss=fvu + spec.auxk_alpha * auxk, num_dead=int(dead_mask.sum()),
+            loss=reconstruction + spec.auxk_alpha * auxk, num_dead=int(dead_mask.sum()),
+            prefix_x_hat=prefix_x_hat, prefix_fvu=prefix_fvu,
         )
 
     # -- decoder constraints ----------------------------------------------------------------------
@@ -392,7 +439,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
     def _check_loaded_state(module: TopKSaeLayer, state_dict: dict, prefix: str, *args) -> None:
         """Name the key and both shapes when an adapter does not fit; keep loaded b_dec from being
         re-initialised."""
-        for name in module.adapter_layer_names:
+        for name in (*module.adapter_layer_names, "sae_threshold"):
             for adapter, param in getattr(module, name).items():
                 loaded = state_dict.get(f"{prefix}{name}.{adapter}")
                 if loaded is None:

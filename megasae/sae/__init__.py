@@ -1,5 +1,6 @@
 """The SAE math: pure functions of the weights, used by the PEFT layer and the trainer."""
 
+from megasae.sae.batchtopk import batchtopk_encode, default_k_max, update_threshold_
 from megasae.sae.functional import (
     SaeOutput,
     auxk_loss,
@@ -10,6 +11,7 @@ from megasae.sae.functional import (
     least_squares_scale,
     mean_and_count,
     normalize_rows_,
+    prefix_reconstructions,
     remove_parallel_grad_,
     total_variance,
     update_dead_counters,
@@ -18,14 +20,18 @@ from megasae.sae.functional import (
 __all__ = [
     "SaeOutput",
     "auxk_loss",
+    "batchtopk_encode",
     "decode",
+    "default_k_max",
     "encode",
     "fraction_of_variance_unexplained",
     "init_weights",
     "least_squares_scale",
     "mean_and_count",
     "normalize_rows_",
+    "prefix_reconstructions",
     "remove_parallel_grad_",
     "total_variance",
     "update_dead_counters",
+    "update_threshold_",
 ]

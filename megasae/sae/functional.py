@@ -11,7 +11,7 @@ Everything here is stateless; the PEFT layer owns the tensors and calls these.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,10 @@ class SaeOutput:
     # bool over the flattened leading positions of the activations (e.g. batch x seq): the rows `x` holds,
     # in order; None when it holds all of them.
     kept: Tensor | None = None
+    # A Matryoshka SAE's {prefix size m: reconstruction from the codes of latents below m} and its FVU, for
+    # every prefix (the last, all latents, is x_hat); empty for other SAEs.
+    prefix_x_hat: dict[int, Tensor] = field(default_factory=dict)
+    prefix_fvu: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +52,7 @@ class SaeOutput:
 
     @property
     def l0(self) -> Tensor:
-        """Mean number of active latents per token (at most k: ReLU may zero some of the top k)."""
+        """Mean number of active latents per token (TopK: at most k, ReLU may zero some of the top k)."""
         if self.num_tokens == 0:
             return self.values.new_zeros((), dtype=torch.float32)
         return (self.values != 0).sum(-1, dtype=torch.float32).mean()
@@ -177,6 +181,14 @@ def fraction_of_variance_unexplained(target: Tensor, x_hat: Tensor, total_var: T
     """sum((x - x_hat)^2) / sum((x - mean)^2); 0 for an empty batch rather than NaN."""
     residual = (target.float() - x_hat.float()).pow(2).sum()
     return residual / total_var.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def prefix_reconstructions(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None,
+                           prefixes: tuple[int, ...], latent_group: dist.ProcessGroup | None = None
+                           ) -> dict[int, Tensor]:
+    """{m: the reconstruction from the codes of latents below m} for each Matryoshka prefix size m: the
+    sparse decode of the same (values, indices) with the other codes zeroed, never an [N, M] tensor."""
+    return {m: decode(values.where(indices < m, 0), indices, W_dec, b_dec, latent_group) for m in prefixes}
 
 
 def auxk_loss(

@@ -12,7 +12,7 @@ import yaml
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
 from megasae.errors import SettingError
-from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.peft.config import DEFAULT_TOKEN_POLICY, check_prefixes
 from megasae.train.sweep import (
     SaeSettings,
     SweptFloat,
@@ -53,6 +53,14 @@ class TrainConfig:
     saved in its own subdirectory of --output-dir."""
     transcode: bool = False
     """Train transcoders: read each target's input and predict its output."""
+    architecture: Literal["topk", "batchtopk"] = "topk"
+    """topk keeps k latents per token; batchtopk the k x N largest of each rank's batch of N tokens, and at
+    inference the latents above a threshold learnt in training."""
+    k_max: int | None = None
+    """BatchTopK's candidate latents per token; none means min(4 k, num_latents)."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """Nested dictionary sizes, increasing, the last one the number of latents: train each prefix of the
+    dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
     auxk_alpha: SweptFloat = 1 / 32
     """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
     dead_tokens_threshold: int = 10_000_000
@@ -132,7 +140,11 @@ class TrainConfig:
         check_at_least(self, 0, "num_latents", "auxk_alpha", "warmup_steps", "grad_clip", "save_every",
                        "eval_every")
         check_outlier_factor(self.outlier_factor)
-        self.saes()  # a bad sweep fails now, before anything loads
+        for sae in self.saes():  # a bad sweep fails now, before anything loads
+            if self.k_max is not None and self.k_max < sae.k:
+                raise SettingError(f"--k-max must be at least --k ({sae.k}), got {self.k_max}.")
+            check_prefixes(self.matryoshka_prefixes or None, sae.num_latents or None, SettingError,
+                           "--matryoshka-prefixes")
         if self.resume and self.overwrite:
             raise SettingError(
                 "--resume continues the run in --output-dir and --overwrite deletes it: give one."

@@ -30,6 +30,8 @@ class StepMetrics:
             s["fvu"] += out.fvu.item()
             s["auxk"] += out.auxk.item()
             s["loss"] += out.loss.item()
+            for m, fvu in out.prefix_fvu.items():  # a Matryoshka SAE's
+                s[f"fvu_prefix_{m}"] += fvu.item()
             s["l0_tokens"] += out.l0.item() * out.num_tokens
             s["tokens"] += out.num_tokens
             s["dead_pct"] = 100 * out.num_dead / num_latents[path]
@@ -54,6 +56,8 @@ class StepMetrics:
                 "dead_pct": summed[f"{path}/dead_pct"] / world_size,  # the same on every rank
                 "trained_tokens": tokens,
             }
+            prefixes = [name.rsplit("/", 1)[1] for name in summed if name.startswith(f"{path}/fvu_prefix_")]
+            per_target.update({key: summed[f"{path}/{key}"] / self.micro_batches for key in prefixes})
             for key, value in per_target.items():
                 if len(paths) > 1:
                     record[f"{key}/{path}"] = value

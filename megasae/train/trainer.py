@@ -146,6 +146,8 @@ class Trainer:
         self.sae_configs = {s.name: TopKSaeConfig(
             k=s.k, num_latents=s.num_latents, expansion_factor=s.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=s.auxk_alpha,
+            architecture=cfg.architecture, k_max=cfg.k_max,
+            matryoshka_prefixes=list(cfg.matryoshka_prefixes) or None,
             dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
             base_model_name_or_path=self.host_name, dataset=self.data_name, ctx_len=cfg.ctx_len,
             token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
@@ -409,6 +411,8 @@ class Trainer:
                     tensor = shard_rows(tensor, self.par.tp_group)
                 with torch.no_grad():
                     param.copy_(tensor)
+            if whole.threshold is not None:  # BatchTopK's inference threshold, replicated on every rank
+                layer.sae_threshold[adapter].copy_(whole.threshold)
 
     def _reshard_optimizer_state(self, state: dict, reshard) -> dict:
         """`state` (an optimizer state dict) with the per-latent moments of latent-parallel SAEs passed
