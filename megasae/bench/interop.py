@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from megasae.bench.output import report
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("interop_runner.py")
 PEERS = {"saelens": ".venv-saelens", "sparsify": ".venv-sparsify"}
@@ -167,7 +169,4 @@ def format_table(result: dict) -> str:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    report(format_table(result), result, args.json)

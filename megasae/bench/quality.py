@@ -11,8 +11,9 @@ threshold gives), loss recovered, dead latents, and each Matryoshka prefix's FVU
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from megasae.bench.output import report
 
 VARIANTS = ("topk", "batchtopk", "matryoshka-batchtopk")
 
@@ -97,7 +98,4 @@ def format_table(result: dict) -> str:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    report(format_table(result), result, args.json)

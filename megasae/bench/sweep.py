@@ -10,7 +10,6 @@ absolute difference of any weight, and the last step's FVU of each).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megasae.bench.output import report
 from megasae.peft import sae_layers
 from megasae.train import TrainConfig, Trainer
 
@@ -102,7 +102,4 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="megasae-bench-sweep-") as tmp:
         result = run(args, Path(tmp))
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    report(format_table(result), result, args.json)
