@@ -211,3 +211,11 @@ def test_a_cli_run_ends_with_a_summary_and_curves_and_no_library_warnings(host_d
         f"next: megasae eval --adapter {out} --model {host_dir} --output-dir {out / 'eval'}"
     )
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_k_aux_reaches_the_sae_and_its_saved_config(host_dir, text_data, tmp_path):
+    trainer = Trainer(config(host_dir, text_data, tmp_path / "run", k_aux=3, max_tokens=128))
+    (layer,) = [m for m in trainer.model.modules() if hasattr(m, "sae_spec")]
+    assert layer.sae_spec["default"].k_aux == 3
+    trainer.fit()
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["k_aux"] == 3

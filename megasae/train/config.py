@@ -63,6 +63,8 @@ class TrainConfig:
     dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
     auxk_alpha: SweptFloat = 1 / 32
     """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
+    k_aux: int | None = None
+    """Latents the AuxK loss reconstructs the residual with; none means half the width the SAE writes."""
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many tokens is dead."""
     max_tokens: int = 409_600
@@ -135,8 +137,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
-        check_at_least(self, 1, "k", "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len", "log_every",
-                       "eval_tokens", "dead_tokens_threshold", "expansion_factor", "tp", "pp")
+        check_at_least(self, 1, "k", "k_aux", "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len",
+                       "log_every", "eval_tokens", "dead_tokens_threshold", "expansion_factor", "tp", "pp")
         check_at_least(self, 0, "num_latents", "auxk_alpha", "warmup_steps", "grad_clip", "save_every",
                        "eval_every")
         check_outlier_factor(self.outlier_factor)

@@ -146,6 +146,7 @@ class Trainer:
         self.sae_configs = {s.name: TopKSaeConfig(
             k=s.k, num_latents=s.num_latents, expansion_factor=s.expansion_factor,
             target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=s.auxk_alpha,
+            k_aux=cfg.k_aux,
             architecture=cfg.architecture, k_max=cfg.k_max,
             matryoshka_prefixes=list(cfg.matryoshka_prefixes) or None,
             dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
