@@ -157,3 +157,18 @@ def test_weights_must_fit_the_prefixes():
 def test_bad_train_prefixes(settings, message):
     with pytest.raises(SettingError, match=message):
         TrainConfig(**settings)
+
+
+def test_report_shows_the_fvu_of_each_prefix():
+    from megasae.eval.report import ROWS, report_markdown
+
+    group = {key: None for key, _, _ in ROWS}
+    groups = {"all": {**group, "fvu": 0.3, "prefix_fvu": {8: 0.5, 24: 0.3}},
+              "text": {**group, "fvu": 0.4, "prefix_fvu": {"8": 0.6, "24": 0.4}}}  # as eval.json reads back
+    result = {"settings": {"ctx_len": 16, "seed": 0, "tokens": "all", "outlier_factor": None}, "model": "m",
+              "adapter": "a", "data": "d", "tokens": 10, "sequences": 1,
+              "targets": {"down": {"groups": groups, "num_latents": 24, "k": 4}}}
+    lines = report_markdown(result).splitlines()
+    assert "| FVU of latents < 8 | 0.5000 | 0.6000 |" in lines
+    assert lines.index("| FVU of latents < 8 | 0.5000 | 0.6000 |") + 1 == lines.index(
+        "| FVU of latents < 24 | 0.3000 | 0.4000 |")

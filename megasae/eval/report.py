@@ -48,6 +48,10 @@ def report_markdown(result: dict) -> str:
                   "| | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
         for key, label, fmt in ROWS:
             lines.append(f"| {label} | " + " | ".join(_cell(g[key], fmt) for g in groups.values()) + " |")
+        by_prefix = [{str(m): fvu for m, fvu in g.get("prefix_fvu", {}).items()} for g in groups.values()]
+        for m in sorted({m for prefixes in by_prefix for m in prefixes}, key=int):  # a Matryoshka SAE's
+            cells = " | ".join(_cell(prefixes.get(m), "{:.4f}") for prefixes in by_prefix)
+            lines.append(f"| FVU of latents < {m} | {cells} |")
         lines.append("")
     lines += ["![latent firing density](density.png)", "", "![L0 distribution](l0.png)", ""]
     return "\n".join(lines)
