@@ -96,7 +96,7 @@ def import_command(args: list[str]) -> None:
 
 
 def bench_command(args: list[str]) -> None:
-    """Benchmarks: `megasae bench <name> --help` (kernels, train, parallel, interop, quality)."""
+    """Benchmarks: `megasae bench <name> --help` (kernels, train, parallel, interop, quality, sweep)."""
     from megasae.bench import BENCHMARKS
 
     if not args or args[0] not in BENCHMARKS:
