@@ -279,13 +279,16 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         if len(transcode) > 1:
             raise ValueError(f"The SAEs {adapters} on {self.module_path!r} read different inputs (some are "
                              "transcoders); activate SAEs or transcoders only.")
-        sae_in = module_input(self.module_path, args, kwargs) if transcode.pop() else hidden
+        transcode = transcode.pop()
+        sae_in = module_input(self.module_path, args, kwargs) if transcode else hidden
         if self._splicing():
             x_hat = self._reconstruct(adapters[0], sae_in).to(hidden.dtype)
             if self.hidden_record is not None:
                 self._record_hidden(sae_in, x_hat)
             return (x_hat, *result[1:]) if isinstance(result, tuple) else x_hat
-        outputs = {adapter: self._capture(adapter, sae_in, hidden) for adapter in adapters}
+        # The rows read, once for every SAE of the layer: the token mask and outlier filter are shared.
+        x, target, keep = self._rows_read(sae_in, hidden, transcode)
+        outputs = {adapter: self._capture(adapter, x, target, keep) for adapter in adapters}
         out = outputs[adapters[-1]]
         if self.hidden_record is not None:
             self._record_hidden(sae_in, _replace_rows(hidden, out.kept, out.x_hat.to(hidden.dtype)))
@@ -363,16 +366,21 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             )
         return threshold
 
-    def _capture(self, adapter: str, sae_in: Tensor, hidden: Tensor) -> sae.SaeOutput:
+    def _rows_read(self, sae_in: Tensor, hidden: Tensor,
+                   transcode: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(the rows the SAEs read, the rows they reconstruct, which rows: None for all)."""
+        # The host is data: no gradient flows back into it while capturing.
+        x = sae_in.detach().flatten(0, -2)
+        keep = _rows_to_read(x, self.module_path, sae_in.shape[:-1], self.capture_session)
+        target = hidden.detach().flatten(0, -2) if transcode else x
+        if keep is not None:
+            x, target = x[keep], target[keep]
+        return x, target, keep
+
+    def _capture(self, adapter: str, x: Tensor, target: Tensor, keep: Tensor | None) -> sae.SaeOutput:
         session = self.capture_session
         group = session.group if session is not None else None
         dtype = self.sae_spec[adapter].compute_dtype
-        # The host is data: no gradient flows back into it while capturing.
-        x = sae_in.detach().flatten(0, -2)
-        keep = _rows_to_read(x, self.module_path, sae_in.shape[:-1], session)
-        target = hidden.detach().flatten(0, -2) if self.sae_spec[adapter].transcode else x
-        if keep is not None:
-            x, target = x[keep], target[keep]
         x, target = x.to(dtype), target.to(dtype)
         if self.training and self.sae_needs_init[adapter]:
             mean, count = sae.mean_and_count(target, group)
