@@ -156,3 +156,21 @@ def train_and_resume_rank(rank, world_size, cfg):
         states = zip(trainer.optimizer.state.values(), resumed.optimizer.state.values(), strict=True)
         for mine, restored in states:
             assert torch.equal(mine["exp_avg"], restored["exp_avg"])
+
+
+SAE_WEIGHTS = ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")
+
+
+def capture_steps(model, layer, x, mask, keys, steps=2):
+    """`steps` captures of `model` on `x` (each backpropagating the SAE loss of `layer`'s module "down"):
+    each key of `keys` of every step's SaeOutput, and the summed gradients of `layer`'s default SAE."""
+    result = {key: [] for key in keys}
+    for _ in range(steps):
+        with model.capture(token_mask=mask) as outputs:
+            model(x)
+        out = outputs["down"]
+        out.loss.backward()
+        for key in result:
+            result[key].append(getattr(out, key).detach().clone())
+    result["grads"] = {name: getattr(layer, name)["default"].grad.clone() for name in SAE_WEIGHTS}
+    return result

@@ -16,7 +16,7 @@ from megasae.sae.batchtopk import THRESHOLD_RATE, update_threshold_
 from megasae.train import TrainConfig
 
 from distributed import run_ranks
-from helpers import TwoLayerMLP
+from helpers import TwoLayerMLP, capture_steps
 
 N, D, M, K = 16, 8, 32, 3
 
@@ -230,17 +230,8 @@ def test_a_batchtopk_sae_that_never_trained_refuses_to_splice():
 def two_steps(x, mask, group=None):
     """Two capture steps of a Matryoshka BatchTopK SAE (b_dec init, dead counters, AuxK, the threshold)."""
     model = _model(group, matryoshka_prefixes=[6, 12, 24])
-    result = {"fvu": [], "auxk": [], "loss": [], "x_hat": []}
-    for _ in range(2):
-        with model.capture(token_mask=mask) as outputs:
-            model(x)
-        out = outputs["down"]
-        out.loss.backward()
-        for key in result:
-            result[key].append(getattr(out, key).detach().clone())
     layer = _layer(model)
-    result["grads"] = {name: getattr(layer, name)["default"].grad.clone()
-                       for name in ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")}
+    result = capture_steps(model, layer, x, mask, ("fvu", "auxk", "loss", "x_hat"))
     result["threshold"] = layer.sae_threshold["default"].clone()
     return result
 

@@ -9,7 +9,7 @@ from megasae import PeftSaeModel, TopKSaeConfig, get_peft_sae_model
 from megasae.peft.shard import save_adapter, shard_saes
 
 from distributed import run_ranks
-from helpers import TwoLayerMLP
+from helpers import TwoLayerMLP, capture_steps
 
 CONFIG = dict(k=3, num_latents=24, target_modules=["down"], dead_tokens_threshold=5)
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
@@ -30,17 +30,8 @@ def _layer(model):
 def two_steps(x, mask, group=None):
     """Two capture steps (b_dec init, dead counters, AuxK active on the second); what must agree."""
     model = _model(group)
-    result = {"fvu": [], "auxk": [], "l0": [], "x_hat": []}
-    for _ in range(2):
-        with model.capture(token_mask=mask) as outputs:
-            model(x)
-        out = outputs["down"]
-        out.loss.backward()
-        for key in result:
-            result[key].append(getattr(out, key).detach().clone())
     layer = _layer(model)
-    result["grads"] = {name: getattr(layer, name)["default"].grad.clone()
-                       for name in ("sae_W_enc", "sae_b_enc", "sae_W_dec", "sae_b_dec")}
+    result = capture_steps(model, layer, x, mask, ("fvu", "auxk", "l0", "x_hat"))
     result["counters"] = layer.sae_tokens_since_fired["default"].clone()
     return result
 
