@@ -114,6 +114,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def leave_process_group() -> None:
+    """A torchrun rank leaves its process group at the end of a command, finished or failed, as torch
+    asks: never imports torch.distributed for a command that did not."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command, "cache": cache_command, "eval": eval_command, "inspect": inspect_command,
     "plan": plan_command, "bench": bench_command, "export": export_command, "import": import_command,
@@ -144,3 +152,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"megasae {argv[0]}: error: {err}", file=sys.stderr)
         sys.exit(code)
+    finally:
+        leave_process_group()

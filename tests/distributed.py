@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,8 +20,14 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears its groups down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # A finished rank skips the interpreter's teardown: gloo's threads, torn down there, now and then
+    # abort a rank whose work is done (SIGABRT, "terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args) -> None:

@@ -99,3 +99,17 @@ def test_the_installed_entry_point_prints_one_line_and_debug_the_traceback(tmp_p
     assert plain.stderr.strip().splitlines() == ["megasae train: error: --ctx-len must be at least 1, got 0."]
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "SettingError" in debug.stderr
+
+
+def test_a_rank_leaves_its_process_group_when_its_command_ends(tmp_path, capsys):
+    """As torch asks of every rank: a command that fails leaves the group it ran in (a finished one too)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        code, _ = _run(["train", "--ctx-len", "0"], capsys)
+        assert code == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
