@@ -19,7 +19,7 @@ from data_fixtures import (
     write_parquet,
 )
 
-DOCS = [f"doc{i};" for i in range(31)]  # odd: the two ranks' shares differ by one
+DOCS = [f"doc{i};" for i in range(31)]
 
 
 @pytest.fixture(scope="module")
@@ -73,31 +73,67 @@ def stream(data, processor, **kwargs):
     return build_batches(data, processor, **args)
 
 
-def rank_documents(tokenizer, data, rank, count, **kwargs):
-    """The first ``count`` documents that rank ``rank`` of 2 packs, read back from its token stream."""
-    batches = stream(data, tokenizer, rank=rank, world_size=2, **kwargs)
+def documents(tokenizer, data, count, **kwargs):
+    """The first ``count`` documents the stream packs, read back from its tokens."""
+    batches = stream(data, tokenizer, **kwargs)
     chars = ""
     while chars.count(tokenizer.eos_token) < count:
         chars += decode_chars(tokenizer, next(batches).inputs["input_ids"].flatten())
     return chars.split(tokenizer.eos_token)[:count]
 
 
-def test_ranks_together_see_every_document_once_per_epoch(tokenizer, text_dir):
-    share = {0: 16, 1: 15}  # 31 rows over 2 ranks: rank 0 takes the odd one out
-    epochs = {rank: rank_documents(tokenizer, text_dir, rank, 2 * n) for rank, n in share.items()}
+def test_every_document_once_per_epoch(tokenizer, text_dir):
+    epochs = documents(tokenizer, text_dir, 2 * len(DOCS))
     for epoch in range(2):
-        seen = [doc for rank, n in share.items() for doc in epochs[rank][epoch * n : (epoch + 1) * n]]
-        assert sorted(seen) == sorted(DOCS)
-    assert epochs[0][:16] != epochs[0][16:], "each epoch is reshuffled"
+        assert sorted(epochs[epoch * len(DOCS) : (epoch + 1) * len(DOCS)]) == sorted(DOCS)
+    assert epochs[: len(DOCS)] != epochs[len(DOCS) :], "each epoch is reshuffled"
 
 
 def test_order_depends_on_the_seed(tokenizer, text_dir):
-    assert rank_documents(tokenizer, text_dir, 0, 16, seed=0) != rank_documents(
-        tokenizer, text_dir, 0, 16, seed=1
-    )
-    assert rank_documents(tokenizer, text_dir, 0, 16, seed=3) == rank_documents(
-        tokenizer, text_dir, 0, 16, seed=3
-    )
+    assert documents(tokenizer, text_dir, 16, seed=0) != documents(tokenizer, text_dir, 16, seed=1)
+    assert documents(tokenizer, text_dir, 16, seed=3) == documents(tokenizer, text_dir, 16, seed=3)
+
+
+def share_of_one_stream(make, world_size, batches):
+    """Each of ``world_size`` ranks' streams (batch_size b) gives its b sequences of the one-rank stream's
+    batches of world_size x b, in rank order, and all end at that stream's position."""
+    ranks = [make(rank=r, world_size=world_size) for r in range(world_size)]
+    one = make(rank=0, world_size=1, batch_size=world_size * ranks[0].batch_size)
+    def sequences(batch):  # chat rows are padded to the longest of their batch
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
+        return [(row[keep].tolist(), trained[keep].tolist())
+                for row, keep, trained in zip(ids, mask, batch.token_mask, strict=True)]
+
+    for _ in range(batches):
+        whole, parts = next(one), [next(r) for r in ranks]
+        assert [seq for p in parts for seq in sequences(p)] == sequences(whole)
+        for key in whole.inputs.keys() & {"pixel_values", "image_grid_thw"}:  # per image, in order
+            torch.testing.assert_close(torch.cat([p.inputs[key] for p in parts if key in p.inputs]),
+                                       whole.inputs[key], rtol=0, atol=0)
+        assert sum(p.num_tokens for p in parts) == whole.num_tokens
+    assert all(r.state_dict() == one.state_dict() for r in ranks)
+
+
+def test_ranks_share_every_batch_of_the_one_rank_order(tokenizer, text_dir):
+    """So the data order does not depend on the number of ranks, and a run resumes on another number."""
+    share_of_one_stream(lambda **kw: stream(text_dir, tokenizer, **{"batch_size": 2} | kw), 2, batches=12)
+    share_of_one_stream(lambda **kw: stream(text_dir, tokenizer, **{"batch_size": 1} | kw), 3, batches=9)
+    share_of_one_stream(lambda **kw: stream("builtin", tokenizer, **{"ctx_len": 64} | kw), 2, batches=3)
+
+
+def test_ranks_share_every_chat_batch(processor, tokenizer, tmp_path):
+    """Only the rank that takes a row processes its images."""
+    rows = [{"messages": [user(text("hi")), ASSISTANT], "images": []},
+            {"messages": [user(IMAGE, text("what?")), ASSISTANT], "images": [png_bytes(56, 56, 0)]},
+            {"messages": [user(IMAGE), user(IMAGE)], "images": [png_bytes(56, 56, 1), png_bytes(30, 90, 2)]},
+            {"messages": [user(text("bye")), ASSISTANT], "images": []}] * 2
+    images = write_parquet(tmp_path / "images.parquet", rows, row_group_size=3)
+    share_of_one_stream(lambda **kw: stream(images, processor, **{"ctx_len": 64, "batch_size": 1} | kw), 2,
+                        batches=6)
+    plain = [{"messages": [user(text(f"row {i}"))]} for i in range(12)]
+    chats = write_parquet(tmp_path / "chats.parquet", plain, row_group_size=5)
+    share_of_one_stream(lambda **kw: stream(chats, tokenizer, **{"ctx_len": 64, "batch_size": 2} | kw), 2,
+                        batches=4)
 
 
 def test_text_batches_are_full_packed_sequences(tokenizer, text_dir):
@@ -132,8 +168,19 @@ def check_resume(make, taken, then):
 
 
 def test_resume_text_across_epochs(tokenizer, text_dir):
-    # About 13 batches per epoch on rank 1 of 2: this resumes mid-epoch and crosses into epoch 2.
+    # About 13 global batches per epoch on 2 ranks: this resumes mid-epoch and crosses into epoch 2.
     check_resume(lambda: stream(text_dir, tokenizer, rank=1, world_size=2, batch_size=1), taken=10, then=20)
+
+
+def test_a_state_saved_on_one_rank_continues_on_two(tokenizer, text_dir):
+    one = stream(text_dir, tokenizer, batch_size=4)
+    for _ in range(5):
+        next(one)
+    ranks = [stream(text_dir, tokenizer, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(one.state_dict())
+    whole = next(one).inputs["input_ids"]
+    assert torch.equal(torch.cat([next(r).inputs["input_ids"] for r in ranks]), whole)
 
 
 def test_resume_chat(processor, chat_file):
@@ -255,12 +302,10 @@ def test_empty_data(tokenizer, tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     with pytest.raises(ValueError, match="empty.parquet holds no rows"):
         stream(tmp_path / "empty.parquet", tokenizer)
-    with pytest.raises(ValueError, match="has 1 rows, fewer than the 2 data-parallel ranks"):
-        stream(write_parquet(tmp_path / "one.parquet", [{"text": "x"}]), tokenizer, world_size=2)
     short = stream(
         write_parquet(tmp_path / "short.parquet", [{"text": "ab"}, {"text": None}]), tokenizer, ctx_len=100
     )
-    with pytest.raises(ValueError, match="yields less than one 100-token sequence per epoch on rank 0 of 1"):
+    with pytest.raises(ValueError, match="yields less than one 100-token sequence per epoch"):
         next(short)
 
 
@@ -278,9 +323,9 @@ def test_image_tokens_of_plain_text(processor, text_dir):
         stream(text_dir, processor, tokens="image")
 
 
-def test_state_from_another_rank(tokenizer, text_dir):
-    state = stream(text_dir, tokenizer, rank=1, world_size=2).state_dict()
-    with pytest.raises(ValueError, match="saved with rank=1, but this stream has rank=0"):
+def test_a_state_of_the_older_per_rank_order_is_refused(tokenizer, text_dir):
+    state = stream(text_dir, tokenizer).state_dict() | {"rank": 1, "world_size": 2}
+    with pytest.raises(ValueError, match="whose data order depended on its 2 data-parallel ranks"):
         stream(text_dir, tokenizer, rank=0, world_size=2).load_state_dict(state)
 
 

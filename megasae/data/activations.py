@@ -8,8 +8,8 @@ Layout of a cache directory:
     ...                            "<module path>:input" and ":output"), rows of the same tokens
 
 Each shard's sha256 is in the manifest and checked whenever the shard is read. Training reads shards in a
-seeded order, one at a time (never the whole cache in memory), each data-parallel rank taking every
-world_size-th row, and resumes exactly from a (epoch, shard, row) position.
+seeded order, one at a time (never the whole cache in memory), each data-parallel rank taking its share
+of every global batch, and resumes exactly, on any number of ranks, from an (epoch, shard, row) position.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from megasae.data.sources import check_order_of
 
 MANIFEST = "manifest.json"
 FORMAT = "megasae-activations/1"
@@ -65,7 +67,8 @@ class ActivationBatches:
     """Endless batches of `rows` cached rows for one data-parallel rank, exactly resumable.
 
     Epoch e reads the shards in a permutation seeded by (seed, e) and each shard's rows in one seeded by
-    (seed, e, shard); rank r takes the rows at positions p % world_size == r of that order."""
+    (seed, e, shard); each global batch is the next world_size x rows of that order, of which rank r takes
+    the r-th `rows`. The order does not depend on the number of ranks, nor does the position."""
 
     def __init__(self, cache: Path, rows: int, rank: int, world_size: int, seed: int):
         self.cache, self.rows = Path(cache), rows
@@ -85,10 +88,8 @@ class ActivationBatches:
     def __iter__(self):
         return self
 
-    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        sizes = np.array([self.shards[i]["tokens"] for i in order], dtype=np.int64)
-        return order, np.cumsum(sizes) - sizes
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
 
     def _shard(self, index: int) -> dict[str, torch.Tensor]:
         if self._loaded is None or self._loaded[0] != index:
@@ -103,40 +104,42 @@ class ActivationBatches:
             self._loaded = (index, load_file(path))
         return self._loaded[1]
 
-    def _my_rows(self, epoch: int, index: int, offset: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch, index]).permutation(self.shards[index]["tokens"])
-        return perm[(self.rank - offset) % self.world_size :: self.world_size]
-
     def __next__(self) -> ActivationBatch:
         epoch, k, taken = self.position
         pieces: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
-        need = self.rows
-        while need:
-            order, offsets = self._order(epoch)
+        start, stop = self.rank * self.rows, (self.rank + 1) * self.rows  # this rank's share of the batch
+        read, need = 0, self.world_size * self.rows
+        while read < need:
+            order = self._order(epoch)
             if k == len(order):
                 epoch, k, taken = epoch + 1, 0, 0
                 continue
             index = int(order[k])
-            mine = self._my_rows(epoch, index, int(offsets[k]))[taken : taken + need]
-            if len(mine):
+            size = self.shards[index]["tokens"]
+            count = min(size - taken, need - read)
+            # This rank's rows among the batch's [read, read + count), which this shard gives.
+            first, last = max(start, read), min(stop, read + count)
+            if first < last:
+                perm = np.random.default_rng([self.seed, epoch, index]).permutation(size)
+                mine = perm[taken + first - read : taken + last - read]
                 shard = self._shard(index)
                 for name in self.names:
                     pieces[name].append(shard[name][torch.from_numpy(mine)].float())
-            need -= len(mine)
-            taken += len(mine)
-            if need:
+            read += count
+            taken += count
+            if taken == size:
                 k, taken = k + 1, 0
         self.position = (epoch, k, taken)
         inputs = {name: torch.cat(parts) for name, parts in pieces.items()}
         return ActivationBatch(inputs, torch.ones(self.rows, dtype=torch.bool), self.rows)
 
     def state_dict(self) -> dict:
-        return {"kind": "activations", "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-                "position": list(self.position)}
+        return {"kind": "activations", "seed": self.seed, "position": list(self.position)}
 
     def load_state_dict(self, state: dict) -> None:
+        check_order_of(state)
         mine = self.state_dict()
-        for key in ("kind", "rank", "world_size", "seed"):
+        for key in ("kind", "seed"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"The data state was saved with {key}={state.get(key)!r}, but this stream has "

@@ -1,4 +1,11 @@
-"""The batch stream `megasae train` consumes: endless, sharded by data-parallel rank, exactly resumable."""
+"""The batch stream `megasae train` consumes: endless, exactly resumable, split over data-parallel ranks.
+
+The ranks read one sequence stream: each global micro-batch is the next world_size x batch_size sequences,
+of which rank r takes the r-th batch_size. So the data order, and every optimizer step's tokens, do not
+depend on the number of ranks (nor on the micro-batch size), and a run may resume on another number of
+them. Each rank tokenizes every document to find the sequence boundaries, which costs little next to the
+host's forward; chat rows' images are processed only by the rank that takes them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import torch
 from megasae.data.chat import ChatEncoder, collate
 from megasae.data.masks import TOKEN_CHOICES, TokenMasker, image_token_ids, tokenizer_of
 from megasae.data.parquet import TOKENS_COLUMN, data_files, detect_schema, row_groups
-from megasae.data.sources import BuiltinDocuments, ParquetRows
+from megasae.data.sources import BuiltinDocuments, ParquetRows, check_order_of
 
 
 @dataclass
@@ -21,17 +28,24 @@ class Batch:
 
 
 class BatchStream:
-    """An endless iterator of batches whose ``state_dict`` is the exact point to continue from.
+    """An endless iterator of this rank's batches whose ``state_dict`` is the exact point to continue from.
 
     The state is the source position after the last row consumed (plus, for packed text, the tokens
-    read but not yet batched), so nothing is replayed on resume.
+    read but not yet batched), so nothing is replayed on resume; it is the same on every rank.
     """
 
-    def __init__(self, source, name: str, masker: TokenMasker, batch_size: int, identity: dict):
+    def __init__(self, source, name: str, masker: TokenMasker, batch_size: int, identity: dict,
+                 rank: int = 0, world_size: int = 1):
         self._source, self.name, self._masker, self.batch_size = source, name, masker, batch_size
         self._identity = identity  # what a loaded state must have been saved with
+        self._rank, self._world_size = rank, world_size
         self._position = source.start
         self._rows = None
+
+    @property
+    def _mine(self) -> slice:
+        """This rank's sequences among a global micro-batch's world_size x batch_size."""
+        return slice(self._rank * self.batch_size, (self._rank + 1) * self.batch_size)
 
     def __iter__(self):
         return self
@@ -46,15 +60,13 @@ class BatchStream:
     def _check_progress(self, idle: int, unit: str) -> None:
         # Without this a rank whose rows never fill a sequence would loop forever.
         if idle >= self._source.rows_per_epoch:
-            rank, world_size = self._identity["rank"], self._identity["world_size"]
-            raise ValueError(
-                f"{self.name} yields less than one {unit} per epoch on rank {rank} of {world_size}."
-            )
+            raise ValueError(f"{self.name} yields less than one {unit} per epoch.")
 
     def state_dict(self) -> dict:
         return {**self._identity, "position": list(self._position)}
 
     def load_state_dict(self, state: dict) -> None:
+        check_order_of(state)
         for key, value in self._identity.items():
             if state.get(key) != value:
                 raise ValueError(
@@ -81,8 +93,10 @@ class PackedTextStream(BatchStream):
         ctx_len: int,
         column: str | None,
         pretokenized: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
-        super().__init__(source, name, masker, batch_size, identity)
+        super().__init__(source, name, masker, batch_size, identity, rank, world_size)
         self._column = column  # a row's text or token-id column; None when the items are the texts
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -106,7 +120,7 @@ class PackedTextStream(BatchStream):
         return ids
 
     def __next__(self) -> Batch:
-        need, idle = self.batch_size * self._ctx_len, 0
+        need, idle = self._world_size * self.batch_size * self._ctx_len, 0
         while len(self._carry) < need:
             ids = self._ids(*self._pull())
             full = len(self._carry) // self._ctx_len
@@ -114,11 +128,11 @@ class PackedTextStream(BatchStream):
                 self._carry += ids + [self._eos_id]
             idle = 0 if len(self._carry) // self._ctx_len > full else idle + 1
             self._check_progress(idle, f"{self._ctx_len}-token sequence")
-        input_ids = torch.tensor(self._carry[:need], dtype=torch.long).view(self.batch_size, self._ctx_len)
+        input_ids = torch.tensor(self._carry[:need], dtype=torch.long).view(-1, self._ctx_len)[self._mine]
         del self._carry[:need]
         attention_mask = torch.ones_like(input_ids)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return Batch(inputs, self._masker(input_ids, attention_mask), need)
+        return Batch(inputs, self._masker(input_ids, attention_mask), input_ids.numel())
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "carry": list(self._carry)}
@@ -131,19 +145,23 @@ class PackedTextStream(BatchStream):
 class ChatStream(BatchStream):
     """One chat row per sequence, truncated to ctx_len and padded on the right to the longest in the batch."""
 
-    def __init__(self, source, name, masker, batch_size, identity, encoder: ChatEncoder, pad_id: int):
-        super().__init__(source, name, masker, batch_size, identity)
+    def __init__(self, source, name, masker, batch_size, identity, encoder: ChatEncoder, pad_id: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(source, name, masker, batch_size, identity, rank, world_size)
         self._encoder, self._pad_id = encoder, pad_id
 
     def __next__(self) -> Batch:
-        rows, idle = [], 0
-        while len(rows) < self.batch_size:
-            encoded = self._encoder(*self._pull())
-            if encoded is None:
+        rows, taken, idle, mine = [], 0, 0, self._mine
+        while taken < self._world_size * self.batch_size:  # every rank reads the whole global micro-batch
+            row, where = self._pull()
+            rendered = self._encoder.render(row, where)  # every rank: which rows are empty
+            if rendered is None:
                 idle += 1
                 self._check_progress(idle, "non-empty chat")
-            else:
-                rows.append(encoded)
+                continue
+            if mine.start <= taken < mine.stop:  # only this rank's rows: their images are processed
+                rows.append(self._encoder.encode(*rendered))
+            taken += 1
         inputs = collate(rows, self._encoder.image_keys, self._pad_id)
         mask = self._masker(inputs["input_ids"], inputs["attention_mask"])
         return Batch(inputs, mask, int(inputs["attention_mask"].sum()))
@@ -159,29 +177,24 @@ def _pad_id(tokenizer) -> int:
 def open_source(
     data: str | Path,
     *,
-    rank: int,
-    world_size: int,
     seed: int,
     text_column: str = "text",
     messages_column: str = "messages",
     images_column: str = "images",
     tokens: str = "all",
 ):
-    """The row source of ``data`` for one rank, its name for messages and its kind ("builtin", "text",
-    "tokens" or "chat"). Reads only Parquet footers, so every error about files, columns, emptiness and
+    """The row source of ``data``, its name for messages and its kind ("builtin", "text", "tokens" or
+    "chat"). Reads only Parquet footers, so every error about files, columns, emptiness and
     ``tokens`` comes out here at once, without a tokenizer."""
-    for label, value, low in (("world_size", world_size, 1), ("seed", seed, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}.")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}.")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
     if tokens not in TOKEN_CHOICES:
         raise ValueError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}.")
     if str(data) == "builtin":
-        return BuiltinDocuments(seed, rank, world_size), "The built-in corpus", "builtin"
+        return BuiltinDocuments(seed), "The built-in corpus", "builtin"
     files = data_files(data)
     schema = detect_schema(files, text_column, messages_column, images_column)
-    source = ParquetRows(row_groups(files), schema, seed, rank, world_size, str(data))
+    source = ParquetRows(row_groups(files), schema, seed, str(data))
     if tokens == "image" and schema.kind != "chat":
         raise ValueError(f"tokens='image' needs chat data with images, but {data} is plain text.")
     return source, str(data), schema.kind
@@ -201,7 +214,7 @@ def build_batches(
     images_column: str = "images",
     tokens: str = "all",
 ) -> BatchStream:
-    """The endless batch stream for one data-parallel rank.
+    """The endless batch stream of data-parallel rank ``rank`` of ``world_size``.
 
     ``data`` is "builtin" (the standard library's sources), a Parquet file, or a directory of them
     (its ``*.parquet`` files, sorted by name). Files with ``messages_column`` hold chat rows (with
@@ -209,21 +222,24 @@ def build_batches(
     or its processor for image-text models. ``tokens`` picks the trained positions: "all", "text"
     (not image) or "image". Bad files and columns are reported here, before any batch.
     """
-    for label, value in (("ctx_len", ctx_len), ("batch_size", batch_size)):
+    for label, value in (("ctx_len", ctx_len), ("batch_size", batch_size), ("world_size", world_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}.")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}.")
     source, name, kind = open_source(
-        data, rank=rank, world_size=world_size, seed=seed, text_column=text_column,
-        messages_column=messages_column, images_column=images_column, tokens=tokens,
+        data, seed=seed, text_column=text_column, messages_column=messages_column,
+        images_column=images_column, tokens=tokens,
     )
     masker = TokenMasker(processor, tokens)
-    identity = {"kind": kind, "rank": rank, "world_size": world_size, "seed": seed}
+    identity = {"kind": kind, "seed": seed}
+    share = dict(rank=rank, world_size=world_size)
     if kind == "chat":
         encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
         pad_id = _pad_id(tokenizer_of(processor))
-        return ChatStream(source, name, masker, batch_size, identity, encoder, pad_id)
+        return ChatStream(source, name, masker, batch_size, identity, encoder, pad_id, **share)
     column = {"builtin": None, "text": text_column, "tokens": TOKENS_COLUMN}[kind]
     return PackedTextStream(
         source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
-        pretokenized=kind == "tokens",
+        pretokenized=kind == "tokens", **share,
     )
