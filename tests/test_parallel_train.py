@@ -5,6 +5,7 @@ reorder sums, and Adam turns a ~1e-7 difference in a near-zero gradient into up 
 state exactly. TP = 2 x DP = 2 on four ranks: test_parallel_train_dp.py."""
 
 import dataclasses
+import json
 import os
 import signal
 
@@ -66,13 +67,31 @@ def test_resume_across_tensor_parallel_sizes_matches_an_uninterrupted_run(host_d
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
 
 
-def _two_data_parallel_ranks(rank, world_size, cfg):
-    with pytest.raises(ValueError, match=r"written by 1 ranks at --tp 1, this run has 2 at --tp 1"):
-        Trainer(dataclasses.replace(cfg, resume=True))
+def _resume_on_two_data_parallel_ranks(rank, world_size, cfg):
+    trainer = Trainer(dataclasses.replace(cfg, resume=True, micro_batch_size=2))
+    assert (trainer.par.dp_size, trainer.step) == (2, 3)
+    _sigterm_after(trainer, stop_step=6)
 
 
-def test_resume_refuses_another_number_of_data_parallel_ranks(host_dir, tmp_path):
+def test_resume_on_another_number_of_data_parallel_ranks_matches_an_uninterrupted_run(host_dir, tmp_path):
+    """One process for 3 steps, two data-parallel ranks for 3 more, one process to the end: the same adapter
+    and logged metrics as one uninterrupted process. The ranks share each batch of the one-process order;
+    with half the micro-batch each, every micro-step (whose tokens FVU is normalised over) is the same."""
     data = text_rows(tmp_path / "text.parquet")
-    cfg = parallel_config(host_dir, data, tmp_path / "run")
-    _sigterm_after(Trainer(cfg), stop_step=2)
-    run_ranks(_two_data_parallel_ranks, 2, cfg)
+    cfg = parallel_config(host_dir, data, tmp_path / "straight", max_tokens=128 * 8)
+    Trainer(cfg).fit()
+    split = dataclasses.replace(cfg, output_dir=tmp_path / "split")
+    _sigterm_after(Trainer(split), stop_step=3)
+    run_ranks(_resume_on_two_data_parallel_ranks, 2, split)
+    resumed = Trainer(dataclasses.replace(split, resume=True))
+    assert resumed.step == 6
+    resumed.fit()
+    expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "split" / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+    logged = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path / "straight", tmp_path / "split")]
+    for want, have in zip(*logged, strict=True):
+        for key in want.keys() - {"tokens_per_s"}:
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (want["step"], key)

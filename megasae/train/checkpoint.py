@@ -100,18 +100,17 @@ def save_checkpoint(
 
 
 def _saved_rank(checkpoint: Path, saved_tp: int, par: ParallelState) -> int:
-    """The rank whose state this rank resumes from. The states hold whole SAEs and Adam moments, so --tp may
-    change: every rank reads the first TP rank's file of its data-parallel rank and pipeline stage. The data
-    position is per data-parallel rank, so their number and the stages must stay."""
+    """The rank whose state this rank resumes from. The states hold whole SAEs and Adam moments, and the data
+    position is the same on every data-parallel rank, so --tp and the number of data-parallel ranks may
+    change: every rank reads the first rank's file of its pipeline stage. The stages must stay."""
     saved_world = len(list(checkpoint.glob("trainer-rank*.pt")))
-    saved_dp = saved_world // (saved_tp * par.pp_size)
-    if saved_dp != par.dp_size or saved_world != saved_dp * saved_tp * par.pp_size:
+    if saved_world % (saved_tp * par.pp_size):
         raise ValueError(
-            f"Checkpoint {checkpoint} was written by {saved_world} ranks at --tp {saved_tp}, this run has "
-            f"{par.world_size} at --tp {par.tp_size} and --pp {par.pp_size}: resume with the same number of "
-            f"data-parallel ranks ({saved_world // saved_tp // par.pp_size}) and --pp (--tp may change)."
+            f"Checkpoint {checkpoint} was written by {saved_world} ranks at --tp {saved_tp}, which is not "
+            f"a multiple of tp x pp for this run's --pp {par.pp_size}: resume with the --pp it was written "
+            "with (--tp and the number of data-parallel ranks may change)."
         )
-    return (par.pp_rank * par.dp_size + par.dp_rank) * saved_tp
+    return par.pp_rank * (saved_world // par.pp_size)
 
 
 def load_trainer_state(checkpoint: Path, par: ParallelState, saved_tp: int) -> dict:

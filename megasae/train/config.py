@@ -187,11 +187,12 @@ class TrainConfig:
 SAES_RECORD = "saes"  # config.json's list of the SAEs trained, derived from the fields
 
 # What a resumed run may change: how long it runs, how it logs, checkpoints and evaluates, and where it runs
-# (the device, and --tp: checkpoints hold whole SAEs and Adam moments).
+# (the device; --tp and the number of data-parallel ranks, as checkpoints hold whole SAEs and Adam moments
+# and the data order is the same on any number of ranks; and the micro-batch that fits them).
 # Everything else changes the SAE or the data order and must match the checkpoint.
 RESUME_MAY_CHANGE = ("max_tokens", "save_every", "log_every", "eval_every", "eval_data", "eval_tokens",
                      "wandb_mode", "wandb_project", "output_dir", "resume", "overwrite", "config", "device",
-                     "compile", "tp")
+                     "compile", "tp", "micro_batch_size")
 
 
 def load_config_file(path: Path) -> dict:

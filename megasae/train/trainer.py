@@ -123,8 +123,7 @@ class Trainer:
             self.batches = ActivationBatches(cfg.activations, self.micro_tokens, self.par.dp_rank,
                                              self.par.dp_size, cfg.seed)
         else:
-            data_args = dict(rank=self.par.dp_rank, world_size=self.par.dp_size, seed=cfg.seed,
-                             text_column=cfg.text_column, messages_column=cfg.messages_column,
+            data_args = dict(seed=cfg.seed, text_column=cfg.text_column, messages_column=cfg.messages_column,
                              images_column=cfg.images_column, tokens=cfg.tokens)
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
             host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -132,7 +131,8 @@ class Trainer:
             host, self.processor, self.stage, targets = (built.host, built.processor, built.stage,
                                                          built.targets)
             self.batches = build_batches(
-                cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, **data_args
+                cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size,
+                rank=self.par.dp_rank, world_size=self.par.dp_size, **data_args
             )
         self._check_first_batch()
         # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the
