@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types
+from megasae.dtypes import DTYPES, Dtype
 from megasae.parallel.distributed import resolve_device
 from megasae.peft.config import DEFAULT_TOKEN_POLICY, TopKSaeConfig
 
@@ -43,7 +44,7 @@ class HeldOutData:
     outlier_factor: float | None | Literal["adapter"] = ADAPTER
     """Leave out tokens whose activation norm exceeds this multiple of the batch median (None: keep them);
     'adapter': the factor it was trained with (10 when it records none)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     """dtype of the host model."""
     text_column: str = "text"
     """Parquet column of plain text."""
@@ -78,7 +79,7 @@ class HeldOutData:
         return resolve_device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        return DTYPES[self.dtype]
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from megasae.checks import check_at_least, check_types
 from megasae.data import build_batches
 from megasae.data.activations import FORMAT, MANIFEST, sha256, shard_name, tensor_names
+from megasae.dtypes import DTYPES, CacheDtype, Dtype
 from megasae.files import fix_modes, write_atomic
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel import ParallelState, init_distributed
@@ -27,8 +28,6 @@ from megasae.parallel.host import build_host
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.peft.layer import hidden_state, module_input, module_widths
 from megasae.peft.tuner import target_paths
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -49,7 +48,7 @@ class CacheConfig:
     """Store each target's input beside its output, for transcoders."""
     max_tokens: int = 409_600
     """Activations (token positions the mask keeps) to store."""
-    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    cache_dtype: CacheDtype = "float16"
     """dtype of the stored activations; training reads them as float32."""
     shard_tokens: int = 65_536
     """Activations per shard, about: a shard ends after the batch that reaches it."""
@@ -65,7 +64,7 @@ class CacheConfig:
     """Parquet column of chat messages."""
     images_column: str = "images"
     """Parquet column of encoded image bytes for chat rows."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     """dtype of the host model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the host runs; auto picks CUDA when available."""

@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
+from megasae.dtypes import Dtype
 from megasae.errors import SettingError
 from megasae.peft.config import DEFAULT_TOKEN_POLICY, check_prefixes
 from megasae.train.sweep import (
@@ -81,9 +82,9 @@ class TrainConfig:
     """Steps of linear learning-rate warmup; the rate then decays linearly to 0."""
     grad_clip: float = 1.0
     """Clip the SAE gradients' global norm to this; 0 turns clipping off."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     """dtype of the host model (the SAEs' weights, gradients and Adam state are float32)."""
-    sae_compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    sae_compute_dtype: Dtype = "float32"
     """dtype the SAEs compute in: bfloat16 is mixed precision (bf16 products on tensor cores over the float32
     weights), the GPU's fast path; see BENCHMARKS.md for the step times."""
     compile: bool = False

@@ -21,6 +21,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from megasae.collectives.latents import gather_rows, shard_rows
 from megasae.data import build_batches, open_source
 from megasae.data.activations import ActivationBatches, read_manifest
+from megasae.dtypes import DTYPES
 from megasae.errors import Interrupted
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.files import staging_directory
@@ -127,8 +128,7 @@ class Trainer:
                              text_column=cfg.text_column, messages_column=cfg.messages_column,
                              images_column=cfg.images_column, tokens=cfg.tokens)
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
-            host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-            built = build_host(cfg.model, list(cfg.target_modules), self.par, host_dtype)
+            built = build_host(cfg.model, list(cfg.target_modules), self.par, DTYPES[cfg.dtype])
             host, self.processor, self.stage, targets = (built.host, built.processor, built.stage,
                                                          built.targets)
             self.batches = build_batches(
