@@ -55,9 +55,7 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if host.scores else {}
     tokens = sequences = 0
     for batch in held_out_batches(cfg.data, host.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
-                                  batch_size=cfg.batch_size, seed=cfg.seed, text_column=cfg.text_column,
-                                  messages_column=cfg.messages_column, images_column=cfg.images_column,
-                                  tokens=cfg.tokens):
+                                  batch_size=cfg.batch_size, seed=cfg.seed, columns=cfg.columns()):
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         mask = batch.token_mask.to(device)
         input_ids = inputs["input_ids"]

@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
+from megasae.data import DataColumns
 from megasae.dtypes import Dtype
 from megasae.errors import SettingError
 from megasae.peft.config import DEFAULT_TOKEN_POLICY, check_prefixes
@@ -94,11 +95,11 @@ class TrainConfig:
     """Which positions the SAEs train on, by modality; padding, position 0 and special tokens never."""
     outlier_factor: float | None = DEFAULT_TOKEN_POLICY["outlier_factor"]
     """Skip tokens whose activation norm exceeds this multiple of the batch median (attention sinks)."""
-    text_column: str = "text"
+    text_column: str = DataColumns.text_column
     """Parquet column of plain text."""
-    messages_column: str = "messages"
+    messages_column: str = DataColumns.messages_column
     """Parquet column of chat messages (a list of {role, content})."""
-    images_column: str = "images"
+    images_column: str = DataColumns.images_column
     """Parquet column of encoded image bytes for chat rows."""
     output_dir: Path = Path("runs/megasae")
     """Where the adapter, checkpoints, metrics.jsonl and the resolved config go."""
@@ -152,6 +153,10 @@ class TrainConfig:
             raise SettingError(
                 "--resume continues the run in --output-dir and --overwrite deletes it: give one."
             )
+
+    def columns(self) -> DataColumns:
+        """The data arguments of the training and held-out batches."""
+        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
 
     def steps(self) -> int:
         return max(self.max_tokens // self.batch_tokens, 1)

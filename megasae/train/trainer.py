@@ -125,8 +125,7 @@ class Trainer:
                                              self.par.dp_size, cfg.seed)
         else:
             data_args = dict(rank=self.par.dp_rank, world_size=self.par.dp_size, seed=cfg.seed,
-                             text_column=cfg.text_column, messages_column=cfg.messages_column,
-                             images_column=cfg.images_column, tokens=cfg.tokens)
+                             columns=cfg.columns())
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
             built = build_host(cfg.model, list(cfg.target_modules), self.par, DTYPES[cfg.dtype])
             host, self.processor, self.stage, targets = (built.host, built.processor, built.stage,
@@ -139,8 +138,7 @@ class Trainer:
         # host forward and the latent-parallel SAEs need each of them); the others wait at the next step.
         self.held_out = HeldOutEval(
             cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
-            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
-            messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
+            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, columns=cfg.columns(),
         ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
         self.saes = cfg.saes()  # one SAE per target, or a sweep's several
         self.sae_configs = {s.name: TopKSaeConfig(
