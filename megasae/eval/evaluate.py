@@ -51,8 +51,9 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     groups = ("all", "text", "image") if multimodal else ("all",)
     settings = {path: adapter_settings(layer) for path, layer in host.layers.items()}
     reconstruction = {path: {g: ReconstructionStats(*settings[path]) for g in groups} for path in host.layers}
-    # Only the rank computing the logits scores predictions, for every target.
-    next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if host.scores else {}
+    # Only the last stage computes the logits, so it alone scores predictions, for every target.
+    scores = par.is_last_stage
+    next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if scores else {}
     tokens = sequences = 0
     for batch in held_out_batches(cfg.data, host.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
                                   batch_size=cfg.batch_size, seed=cfg.seed, columns=cfg.columns()):
@@ -72,7 +73,7 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
             logits = {"clean": clean_logits}
             for name, replacement in (("spliced", "sae"), ("ablated", "zero")):
                 logits[name], _ = host.logits(inputs, mask, cfg.outlier_factor, {path: replacement})
-            if host.scores:
+            if scores:
                 _add_predictions(next_token[path], labels, where, kept.view_as(mask) & has_next, logits)
         tokens += batch.num_tokens
         sequences += input_ids.shape[0]

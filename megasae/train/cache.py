@@ -157,9 +157,9 @@ class _CacheHost:
 
     @property
     def records(self) -> bool:
-        """Whether this rank hands its rows to the writer: the first TP rank of each stage (the TP ranks of
-        a stage hold the same activations)."""
-        return self.par.tp_rank == 0
+        """Whether this rank hands its rows to the writer: the one that leads its stage (the TP ranks of a
+        stage hold the same activations)."""
+        return self.par.leads_stage
 
     def gather(self, mine: dict) -> dict | None:
         """Every stage's `mine` (a dict keyed by target tensor) merged on rank 0, in stage order; None

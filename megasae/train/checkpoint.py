@@ -31,6 +31,7 @@ import torch
 
 from megasae.files import fix_modes, write_atomic
 from megasae.parallel import ParallelState, barrier
+from megasae.parallel.distributed import layout_rank
 
 LATEST = "latest"
 CONFIG = "config.json"
@@ -111,7 +112,7 @@ def _saved_rank(checkpoint: Path, saved_tp: int, par: ParallelState) -> int:
             f"{par.world_size} at --tp {par.tp_size} and --pp {par.pp_size}: resume with the same number of "
             f"data-parallel ranks ({saved_world // saved_tp // par.pp_size}) and --pp (--tp may change)."
         )
-    return (par.pp_rank * par.dp_size + par.dp_rank) * saved_tp
+    return layout_rank(par.pp_rank, par.dp_rank, 0, par.dp_size, saved_tp)
 
 
 def load_trainer_state(checkpoint: Path, par: ParallelState, saved_tp: int) -> dict:
