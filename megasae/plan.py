@@ -19,17 +19,16 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import tyro
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
+from megasae.dtypes import DTYPES, Dtype
 from megasae.models.loading import _is_image_text
 from megasae.parallel.architectures import Architecture, Layout, architecture, stage_layers
 
 GiB = 1024**3
-BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass
@@ -54,7 +53,7 @@ class PlanConfig:
     """Sequences per forward on each rank."""
     ctx_len: int = 256
     """Tokens per sequence."""
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    dtype: Dtype = "bfloat16"
     """The host's dtype."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU in GiB; stages that need more are flagged."""
@@ -116,7 +115,7 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
         )
     text.num_hidden_layers = last + 1  # as the loader: later layers are never built
     per_layer, before = host_params(config, arch, layout)
-    d, host_bytes = text.hidden_size, BYTES[cfg.dtype]
+    d, host_bytes = text.hidden_size, DTYPES[cfg.dtype].itemsize
     tokens = cfg.micro_batch_size * cfg.ctx_len
     num_latents = cfg.num_latents or cfg.expansion_factor * d
     if num_latents % cfg.tp:

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from megasae.data import build_batches, token_batches
+from megasae.data import DataColumns, build_batches, token_batches
 
 from data_fixtures import (
     decode_chars,
@@ -218,8 +218,10 @@ def test_chat_batch_with_images(processor, chat_file):
     assert mask[is_image].all()
     assert mask[attention & ~is_image].any()
 
-    text_mask = next(stream(chat_file, processor, ctx_len=128, batch_size=4, tokens="text")).token_mask
-    image_mask = next(stream(chat_file, processor, ctx_len=128, batch_size=4, tokens="image")).token_mask
+    text_mask, image_mask = (
+        next(stream(chat_file, processor, ctx_len=128, batch_size=4, columns=DataColumns(tokens=tokens)))
+        .token_mask for tokens in ("text", "image")
+    )
     assert torch.equal(text_mask, mask & ~is_image)
     assert torch.equal(image_mask, is_image)
 
@@ -274,7 +276,8 @@ def test_file_without_the_column(tokenizer, tmp_path):
         match=r"b\.parquet has no 'msgs' column .*, 'body2' column .* or 'input_ids' "
         r"column \(token ids\); its columns are: body",
     ):
-        stream(tmp_path / "b.parquet", tokenizer, messages_column="msgs", text_column="body2")
+        stream(tmp_path / "b.parquet", tokenizer,
+               columns=DataColumns(messages_column="msgs", text_column="body2"))
 
 
 def test_text_column_of_numbers(tokenizer, tmp_path):
@@ -311,16 +314,16 @@ def test_empty_data(tokenizer, tmp_path):
 
 def test_bad_arguments(tokenizer, text_dir, chat_file):
     with pytest.raises(ValueError, match="tokens must be one of all, text, image"):
-        stream(text_dir, tokenizer, tokens="images")
+        stream(text_dir, tokenizer, columns=DataColumns(tokens="images"))
     with pytest.raises(ValueError, match="tokens='image' needs a processor with an image token"):
-        stream(chat_file, tokenizer, tokens="image")
+        stream(chat_file, tokenizer, columns=DataColumns(tokens="image"))
     with pytest.raises(ValueError, match="rank must be in"):
         stream(text_dir, tokenizer, rank=2, world_size=2)
 
 
 def test_image_tokens_of_plain_text(processor, text_dir):
     with pytest.raises(ValueError, match="tokens='image' needs chat data with images"):
-        stream(text_dir, processor, tokens="image")
+        stream(text_dir, processor, columns=DataColumns(tokens="image"))
 
 
 def test_a_state_of_the_older_per_rank_order_is_refused(tokenizer, text_dir):

@@ -9,6 +9,7 @@ import torch
 from megasae import TopKSaeConfig, get_peft_sae_model
 from megasae.parallel import ParallelState, init_distributed, shard_model
 from megasae.parallel.architectures import ARCHITECTURES
+from megasae.parallel.distributed import _new_groups
 from megasae.parallel.pipeline import PipelineStage, stage_targets
 
 from data_fixtures import tiny_qwen25vl_processor
@@ -42,7 +43,7 @@ def _hidden_rank(rank, world_size, model, inputs, expected, tp, last_layer):
     stage = PipelineStage(model, par, last_layer)
     torch.testing.assert_close(stage.forward(model, **inputs), expected[par.pp_rank], **TOLERANCE)
     logits = stage.logits(model, **inputs)  # the stages cover every layer: the last runs the tail
-    if stage.is_last:
+    if par.is_last_stage:
         torch.testing.assert_close(logits, expected[2], **TOLERANCE)
     else:
         assert logits is None
@@ -110,3 +111,23 @@ def test_a_target_no_stage_owns_is_refused():
         ValueError, match=r"'model.layers.3' is in decoder layer 3, which no pipeline stage owns"
     ):
         stage_targets(LLAMA, TARGETS, 2, par)
+
+
+def test_rank_roles_follow_the_groups():
+    """Every rank role of ParallelState agrees with the process groups built for the same layout."""
+    tp, pp, world_size = 2, 3, 12
+    tp_groups, _, pp_groups = _new_groups(world_size, tp, pp)
+    writer_pipeline = next(ranks for ranks in pp_groups if 0 in ranks)
+    for rank in range(world_size):
+        par = ParallelState(rank=rank, world_size=world_size, tp_size=tp, pp_size=pp)
+        pipeline = next(ranks for ranks in pp_groups if rank in ranks)
+        assert [par.stage_rank(s) for s in range(pp)] == pipeline
+        if not par.is_first_stage:
+            assert par.prev_stage_rank == pipeline[par.pp_rank - 1]
+        if not par.is_last_stage:
+            assert par.next_stage_rank == pipeline[par.pp_rank + 1]
+        assert (par.is_first_stage, par.is_last_stage) == (rank == pipeline[0], rank == pipeline[-1])
+        assert par.writer_rank == writer_pipeline[-1]
+        assert par.leads_stage == (rank in writer_pipeline)
+        first_stage_tp_leads = [ranks[0] for ranks in tp_groups if ranks[0] < world_size // pp]
+        assert par.counts_tokens == (rank in first_stage_tp_leads)

@@ -2,11 +2,13 @@
 
 from megasae.data.batches import Batch, BatchStream, build_batches, open_source
 from megasae.data.builtin import builtin_documents, builtin_paths, pack_tokens, token_batches
+from megasae.data.columns import DataColumns
 from megasae.data.llava import prepare_llava
 
 __all__ = [
     "Batch",
     "BatchStream",
+    "DataColumns",
     "build_batches",
     "open_source",
     "builtin_documents",

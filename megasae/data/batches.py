@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megasae.data.chat import ChatEncoder, collate
+from megasae.data.columns import DataColumns
 from megasae.data.masks import TOKEN_CHOICES, TokenMasker, image_token_ids, tokenizer_of
 from megasae.data.parquet import TOKENS_COLUMN, data_files, detect_schema, row_groups
 from megasae.data.sources import BuiltinDocuments, ParquetRows, check_order_of
@@ -178,22 +179,20 @@ def open_source(
     data: str | Path,
     *,
     seed: int,
-    text_column: str = "text",
-    messages_column: str = "messages",
-    images_column: str = "images",
-    tokens: str = "all",
+    columns: DataColumns = DataColumns(),
 ):
     """The row source of ``data``, its name for messages and its kind ("builtin", "text", "tokens" or
     "chat"). Reads only Parquet footers, so every error about files, columns, emptiness and
-    ``tokens`` comes out here at once, without a tokenizer."""
+    ``columns.tokens`` comes out here at once, without a tokenizer."""
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
+    tokens = columns.tokens
     if tokens not in TOKEN_CHOICES:
         raise ValueError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}.")
     if str(data) == "builtin":
         return BuiltinDocuments(seed), "The built-in corpus", "builtin"
     files = data_files(data)
-    schema = detect_schema(files, text_column, messages_column, images_column)
+    schema = detect_schema(files, columns.text_column, columns.messages_column, columns.images_column)
     source = ParquetRows(row_groups(files), schema, seed, str(data))
     if tokens == "image" and schema.kind != "chat":
         raise ValueError(f"tokens='image' needs chat data with images, but {data} is plain text.")
@@ -209,36 +208,31 @@ def build_batches(
     rank: int,
     world_size: int,
     seed: int,
-    text_column: str = "text",
-    messages_column: str = "messages",
-    images_column: str = "images",
-    tokens: str = "all",
+    columns: DataColumns = DataColumns(),
 ) -> BatchStream:
     """The endless batch stream of data-parallel rank ``rank`` of ``world_size``.
 
     ``data`` is "builtin" (the standard library's sources), a Parquet file, or a directory of them
-    (its ``*.parquet`` files, sorted by name). Files with ``messages_column`` hold chat rows (with
-    ``images_column`` optional); others need ``text_column``. ``processor`` is the host's tokenizer,
-    or its processor for image-text models. ``tokens`` picks the trained positions: "all", "text"
-    (not image) or "image". Bad files and columns are reported here, before any batch.
+    (its ``*.parquet`` files, sorted by name). Files with ``columns.messages_column`` hold chat rows (with
+    ``columns.images_column`` optional); others need ``columns.text_column``. ``processor`` is the host's
+    tokenizer, or its processor for image-text models. ``columns.tokens`` picks the trained positions.
+    Bad files and columns are reported here, before any batch.
     """
     for label, value in (("ctx_len", ctx_len), ("batch_size", batch_size), ("world_size", world_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}.")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}.")
-    source, name, kind = open_source(
-        data, seed=seed, text_column=text_column, messages_column=messages_column,
-        images_column=images_column, tokens=tokens,
-    )
-    masker = TokenMasker(processor, tokens)
+    source, name, kind = open_source(data, seed=seed, columns=columns)
+    masker = TokenMasker(processor, columns.tokens)
     identity = {"kind": kind, "seed": seed}
     share = dict(rank=rank, world_size=world_size)
     if kind == "chat":
-        encoder = ChatEncoder(processor, ctx_len, messages_column, images_column, image_token_ids(processor))
+        encoder = ChatEncoder(processor, ctx_len, columns.messages_column, columns.images_column,
+                              image_token_ids(processor))
         pad_id = _pad_id(tokenizer_of(processor))
         return ChatStream(source, name, masker, batch_size, identity, encoder, pad_id, **share)
-    column = {"builtin": None, "text": text_column, "tokens": TOKENS_COLUMN}[kind]
+    column = {"builtin": None, "text": columns.text_column, "tokens": TOKENS_COLUMN}[kind]
     return PackedTextStream(
         source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
         pretokenized=kind == "tokens", **share,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from megasae.data import Batch, build_batches
+from megasae.data import Batch, DataColumns, build_batches
 
 
 def held_out_batches(
@@ -15,10 +15,7 @@ def held_out_batches(
     ctx_len: int,
     batch_size: int,
     seed: int,
-    text_column: str = "text",
-    messages_column: str = "messages",
-    images_column: str = "images",
-    tokens: str = "all",
+    columns: DataColumns = DataColumns(),
 ) -> Iterator[Batch]:
     """Batches until `max_tokens` real tokens have been read or the data's first epoch ends.
 
@@ -28,8 +25,7 @@ def held_out_batches(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}.")
     stream = build_batches(data, processor, ctx_len=ctx_len, batch_size=batch_size, rank=0, world_size=1,
-                           seed=seed, text_column=text_column, messages_column=messages_column,
-                           images_column=images_column, tokens=tokens)
+                           seed=seed, columns=columns)
     read = 0
     while read < max_tokens:
         batch = next(stream)

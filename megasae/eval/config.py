@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types
+from megasae.data import DataColumns
+from megasae.dtypes import DTYPES, Dtype
 from megasae.parallel.distributed import resolve_device
 from megasae.peft.config import DEFAULT_TOKEN_POLICY, TopKSaeConfig
 
@@ -43,13 +45,13 @@ class HeldOutData:
     outlier_factor: float | None | Literal["adapter"] = ADAPTER
     """Leave out tokens whose activation norm exceeds this multiple of the batch median (None: keep them);
     'adapter': the factor it was trained with (10 when it records none)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     """dtype of the host model."""
-    text_column: str = "text"
+    text_column: str = DataColumns.text_column
     """Parquet column of plain text."""
-    messages_column: str = "messages"
+    messages_column: str = DataColumns.messages_column
     """Parquet column of chat messages (a list of {role, content})."""
-    images_column: str = "images"
+    images_column: str = DataColumns.images_column
     """Parquet column of encoded image bytes for chat rows."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the host and SAEs run; auto picks CUDA when available."""
@@ -74,11 +76,16 @@ class HeldOutData:
         outlier_factor = policy["outlier_factor"] if self.outlier_factor == ADAPTER else self.outlier_factor
         return dataclasses.replace(self, tokens=tokens, outlier_factor=outlier_factor)
 
+    def columns(self) -> DataColumns:
+        """The data arguments of the held-out batches; call it on `following()`'s result, which settles
+        'adapter'."""
+        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
+
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        return DTYPES[self.dtype]
 
 
 @dataclass

@@ -51,13 +51,12 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     groups = ("all", "text", "image") if multimodal else ("all",)
     settings = {path: adapter_settings(layer) for path, layer in host.layers.items()}
     reconstruction = {path: {g: ReconstructionStats(*settings[path]) for g in groups} for path in host.layers}
-    # Only the rank computing the logits scores predictions, for every target.
-    next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if host.scores else {}
+    # Only the last stage computes the logits, so it alone scores predictions, for every target.
+    scores = par.is_last_stage
+    next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if scores else {}
     tokens = sequences = 0
     for batch in held_out_batches(cfg.data, host.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
-                                  batch_size=cfg.batch_size, seed=cfg.seed, text_column=cfg.text_column,
-                                  messages_column=cfg.messages_column, images_column=cfg.images_column,
-                                  tokens=cfg.tokens):
+                                  batch_size=cfg.batch_size, seed=cfg.seed, columns=cfg.columns()):
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         mask = batch.token_mask.to(device)
         input_ids = inputs["input_ids"]
@@ -74,7 +73,7 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
             logits = {"clean": clean_logits}
             for name, replacement in (("spliced", "sae"), ("ablated", "zero")):
                 logits[name], _ = host.logits(inputs, mask, cfg.outlier_factor, {path: replacement})
-            if host.scores:
+            if scores:
                 _add_predictions(next_token[path], labels, where, kept.view_as(mask) & has_next, logits)
         tokens += batch.num_tokens
         sequences += input_ids.shape[0]

@@ -116,10 +116,7 @@ class Collector:
             ctx_len=cfg.ctx_len,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            text_column=cfg.text_column,
-            messages_column=cfg.messages_column,
-            images_column=cfg.images_column,
-            tokens=cfg.tokens,
+            columns=cfg.columns(),
         )
         for batch in batches:
             inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}

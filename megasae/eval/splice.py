@@ -43,11 +43,6 @@ class EvalHost:
         self.model, self.layers = _attach_adapter(built.host, cfg.adapter, self.saes.config, par, mine)
         self.targets = list(self.layers) if self.stage is None else list(self.saes.saes)
 
-    @property
-    def scores(self) -> bool:
-        """Whether this rank computes the logits (the last pipeline stage), and so the next-token metrics."""
-        return self.stage is None or self.stage.is_last
-
     @torch.no_grad()
     def logits(self, inputs: dict[str, Tensor], token_mask: Tensor, outlier_factor: float | None,
                replace: dict[str, Replacement] | None = None) -> tuple[Tensor | None, dict]:

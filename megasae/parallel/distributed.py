@@ -5,7 +5,8 @@ Ranks are laid out Megatron's way: tensor parallel innermost, then data parallel
     rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank,
 
 so the ranks of one TP group are neighbours (one node, the fastest links) and a pipeline stage is a
-contiguous block of ranks.
+contiguous block of ranks. What a rank does for the run (write, count, hand on to the next stage) is a
+property of its ParallelState.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def layout_rank(pp_rank: int, dp_rank: int, tp_rank: int, dp_size: int, tp_size: int) -> int:
+    """The rank at this pipeline stage, data-parallel rank and tensor-parallel rank (the layout above)."""
+    return (pp_rank * dp_size + dp_rank) * tp_size + tp_rank
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class ParallelState:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: it writes the run's own files (config, metrics, checkpoint directory, cache)."""
         return self.rank == 0
 
     @property
@@ -49,7 +56,52 @@ class ParallelState:
 
     @property
     def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
         return self.rank // (self.tp_size * self.dp_size)
+
+    @property
+    def is_first_stage(self) -> bool:
+        """Whether this rank's stage is the first, which runs the embeddings on the batch."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """Whether this rank's stage is the last, which holds the final norm and LM head (the logits)."""
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, stage: int) -> int:
+        """The rank at this rank's place (same DP and TP rank) in pipeline stage `stage`."""
+        return layout_rank(stage, self.dp_rank, self.tp_rank, self.dp_size, self.tp_size)
+
+    @property
+    def prev_stage_rank(self) -> int:
+        """The rank this one receives the hidden state from."""
+        return self.stage_rank(self.pp_rank - 1)
+
+    @property
+    def next_stage_rank(self) -> int:
+        """The rank this one hands the hidden state to."""
+        return self.stage_rank(self.pp_rank + 1)
+
+    @property
+    def leads_stage(self) -> bool:
+        """Whether this rank speaks for its stage (first DP replica, first TP rank) to the writer."""
+        return self.dp_rank == 0 and self.tp_rank == 0
+
+    @property
+    def writer_rank(self) -> int:
+        """The rank that writes the adapter: the first of the last stage, which always holds an SAE."""
+        return layout_rank(self.pp_size - 1, 0, 0, self.dp_size, self.tp_size)
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes the adapter."""
+        return self.rank == self.writer_rank
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether this rank counts its replica's tokens: its TP group and pipeline read the same batches."""
+        return self.tp_rank == 0 and self.pp_rank == 0
 
 
 def check_parallel_sizes(world_size: int, tp: int, pp: int) -> None:
@@ -70,7 +122,7 @@ def _new_groups(
     dp = world_size // (tp * pp)
 
     def rank(p, d, t):
-        return (p * dp + d) * tp + t
+        return layout_rank(p, d, t, dp, tp)
 
     tp_groups = [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
     dp_groups = [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]

@@ -103,31 +103,23 @@ class PipelineStage:
         self.arch = architecture(host.config)  # a clear error for unsupported architectures
         self.host = host
         self.layers: nn.ModuleList = host.get_submodule(self.arch.decoder)
+        self.par = par
         self.stages = stage_layers(last_layer + 1, par.pp_size)
         self.mine = self.stages[par.pp_rank]
-        self.index, self.count = par.pp_rank, par.pp_size
-        self.device = par.device
-        self.rank = par.rank
-        self.stride = par.world_size // par.pp_size  # pipeline is the outermost dimension of the rank layout
-        self.prev, self.next = par.rank - self.stride, par.rank + self.stride
         for i in range(len(self.layers)):
             if i not in self.mine:
                 self.layers[i] = _Elsewhere()  # frees the other stages' weights
 
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.count - 1
-
     def owner(self, module_path: str) -> int:
         """The rank in the stage owning target `module_path` at this rank's place there (the same TP rank)."""
         stage = next(s for s, layers in enumerate(self.stages) if self.arch.layer_of(module_path) in layers)
-        return self.rank + self.stride * (stage - self.index)
+        return self.par.stage_rank(stage)
 
     def forward(self, model: nn.Module, **inputs) -> Tensor | None:
         """Run one micro-batch through this stage's layers; returns the hidden state after them, or None
         when an SAE session stopped the forward after the last target. `model` is the host or the PEFT
         model around it; every rank of the pipeline gets the same inputs."""
-        if self.index == 0:
+        if self.par.is_first_stage:
             return self._first(model, inputs)
         hidden, kwargs = self._receive()
         try:
@@ -135,7 +127,7 @@ class PipelineStage:
                 hidden = _hidden(self.layers[i](hidden, **kwargs[i]))
         except StopForward:
             return None
-        if not self.is_last:
+        if not self.par.is_last_stage:
             self._send(hidden, {i: kwargs[i] for i in kwargs if i >= self.mine.stop})
         return hidden
 
@@ -144,7 +136,7 @@ class PipelineStage:
         and LM head: the host's logits there, None on the other stages. The host must have been loaded to
         its logits (`load_host_tensor_parallel(path, None, par)`: the last stage holds the tail)."""
         hidden = self.forward(model, **inputs)
-        if not self.is_last:
+        if not self.par.is_last_stage:
             return None
         norm, head = tail_modules(self.host)
         return self.arch.cap_logits(self.host.config, head(norm(hidden)))
@@ -193,19 +185,21 @@ class PipelineStage:
                 first[id(leaf)] = i
                 header.append(_Slot(tuple(leaf.shape), leaf.dtype))
                 tensors.append(leaf.contiguous())
-        dist.send_object_list([header, treespec_dumps(spec)], dst=self.next, device=self.device)
+        dst = self.par.next_stage_rank
+        dist.send_object_list([header, treespec_dumps(spec)], dst=dst, device=self.par.device)
         for tensor in tensors:
-            dist.send(tensor, dst=self.next)
+            dist.send(tensor, dst=dst)
 
     def _receive(self) -> tuple[Tensor, dict[int, dict]]:
         holder = [None, None]
-        dist.recv_object_list(holder, src=self.prev, device=self.device)
+        src = self.par.prev_stage_rank
+        dist.recv_object_list(holder, src=src, device=self.par.device)
         header, spec = holder[0], treespec_loads(holder[1])
         leaves = []
         for leaf in header:
             if isinstance(leaf, _Slot):
-                leaf = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.device)
-                dist.recv(leaf, src=self.prev)
+                leaf = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.par.device)
+                dist.recv(leaf, src=src)
             elif isinstance(leaf, _Again):
                 leaf = leaves[leaf.leaf]
             leaves.append(leaf)

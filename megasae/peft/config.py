@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 from peft.config import PeftConfig
 
+from megasae.dtypes import DTYPES, Dtype
+
 PEFT_TYPE = "TOPK_SAE"
 DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in the directory itself
-
-SAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # How codes are chosen in training: each token's k largest, or the batch's k x N largest (BatchTopK, whose
 # inference keeps the latents above a threshold learnt in training).
@@ -97,10 +97,10 @@ class TopKSaeConfig(PeftConfig):
     dead_tokens_threshold: int = field(
         default=10_000_000, metadata={"help": "A latent that has not fired for this many tokens is dead."}
     )
-    sae_dtype: Literal["float32", "bfloat16"] = field(
+    sae_dtype: Dtype = field(
         default="float32", metadata={"help": "dtype of the SAE weights, independent of the host's."}
     )
-    compute_dtype: Literal["float32", "bfloat16"] | None = field(
+    compute_dtype: Dtype | None = field(
         default=None,
         metadata={
             "help": "dtype the SAE computes in (None: sae_dtype's). bfloat16 over float32 weights is mixed "
@@ -155,15 +155,15 @@ class TopKSaeConfig(PeftConfig):
             raise ValueError(f"k_aux must be None (half the output width) or positive, got {self.k_aux}.")
         if self.auxk_alpha < 0:
             raise ValueError(f"auxk_alpha must be non-negative, got {self.auxk_alpha}.")
-        if self.sae_dtype not in SAE_DTYPES:
-            raise ValueError(f"sae_dtype must be one of {sorted(SAE_DTYPES)}, got {self.sae_dtype!r}.")
+        if self.sae_dtype not in get_args(Dtype):
+            raise ValueError(f"sae_dtype must be one of {sorted(get_args(Dtype))}, got {self.sae_dtype!r}.")
         if self.token_policy is not None and set(self.token_policy) != set(TOKEN_POLICY_KEYS):
             raise ValueError(
                 f"token_policy must have the keys {list(TOKEN_POLICY_KEYS)}, got {sorted(self.token_policy)}."
             )
-        if self.compute_dtype is not None and self.compute_dtype not in SAE_DTYPES:
+        if self.compute_dtype is not None and self.compute_dtype not in get_args(Dtype):
             raise ValueError(
-                f"compute_dtype must be None or one of {sorted(SAE_DTYPES)}, got {self.compute_dtype!r}."
+                f"compute_dtype must be None or one of {sorted(get_args(Dtype))}, got {self.compute_dtype!r}."
             )
         self._check_architecture()
 
@@ -191,8 +191,8 @@ class TopKSaeConfig(PeftConfig):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAE_DTYPES[self.sae_dtype]
+        return DTYPES[self.sae_dtype]
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return SAE_DTYPES[self.compute_dtype or self.sae_dtype]
+        return DTYPES[self.compute_dtype or self.sae_dtype]

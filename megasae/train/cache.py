@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from megasae.checks import check_at_least, check_types
-from megasae.data import build_batches
+from megasae.data import DataColumns, build_batches
 from megasae.data.activations import FORMAT, MANIFEST, sha256, shard_name, tensor_names
+from megasae.dtypes import DTYPES, CacheDtype, Dtype
 from megasae.files import fix_modes, write_atomic
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel import ParallelState, init_distributed
@@ -27,8 +28,6 @@ from megasae.parallel.host import build_host
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.peft.layer import hidden_state, module_input, module_widths
 from megasae.peft.tuner import target_paths
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -49,7 +48,7 @@ class CacheConfig:
     """Store each target's input beside its output, for transcoders."""
     max_tokens: int = 409_600
     """Activations (token positions the mask keeps) to store."""
-    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    cache_dtype: CacheDtype = "float16"
     """dtype of the stored activations; training reads them as float32."""
     shard_tokens: int = 65_536
     """Activations per shard, about: a shard ends after the batch that reaches it."""
@@ -59,13 +58,13 @@ class CacheConfig:
     """Sequences per forward."""
     tokens: Literal["all", "text", "image"] = DEFAULT_TOKEN_POLICY["tokens"]
     """Which positions to store, by modality; padding, position 0 and special tokens never."""
-    text_column: str = "text"
+    text_column: str = DataColumns.text_column
     """Parquet column of plain text."""
-    messages_column: str = "messages"
+    messages_column: str = DataColumns.messages_column
     """Parquet column of chat messages."""
-    images_column: str = "images"
+    images_column: str = DataColumns.images_column
     """Parquet column of encoded image bytes for chat rows."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     """dtype of the host model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the host runs; auto picks CUDA when available."""
@@ -79,6 +78,10 @@ class CacheConfig:
     def __post_init__(self):
         check_types(self)
         check_at_least(self, 1, "max_tokens", "shard_tokens", "ctx_len", "micro_batch_size", "tp", "pp")
+
+    def columns(self) -> DataColumns:
+        """The data arguments of the cached batches."""
+        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
 
     def settings(self) -> dict:
         """What a continued cache must share with the one it continues (and a run with its host); not --tp
@@ -154,9 +157,9 @@ class _CacheHost:
 
     @property
     def records(self) -> bool:
-        """Whether this rank hands its rows to the writer: the first TP rank of each stage (the TP ranks of
-        a stage hold the same activations)."""
-        return self.par.tp_rank == 0
+        """Whether this rank hands its rows to the writer: the one that leads its stage (the TP ranks of a
+        stage hold the same activations)."""
+        return self.par.leads_stage
 
     def gather(self, mine: dict) -> dict | None:
         """Every stage's `mine` (a dict keyed by target tensor) merged on rank 0, in stage order; None
@@ -202,9 +205,7 @@ def write_cache(cfg: CacheConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     host = _CacheHost(cfg, par)
     batches = build_batches(cfg.data, host.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size,
-                            rank=0, world_size=1, seed=cfg.seed, text_column=cfg.text_column,
-                            messages_column=cfg.messages_column, images_column=cfg.images_column,
-                            tokens=cfg.tokens)
+                            rank=0, world_size=1, seed=cfg.seed, columns=cfg.columns())
     widths = host.gather(host.widths if host.records else {})
     if manifest is None and par.is_main:
         targets = {path: {"width": width, "transcode": cfg.transcode} for path, width in widths.items()}

@@ -31,6 +31,7 @@ import torch
 
 from megasae.files import fix_modes, write_atomic
 from megasae.parallel import ParallelState, barrier
+from megasae.parallel.distributed import layout_rank
 
 LATEST = "latest"
 CONFIG = "config.json"
@@ -110,7 +111,7 @@ def _saved_rank(checkpoint: Path, saved_tp: int, par: ParallelState) -> int:
             f"a multiple of tp x pp for this run's --pp {par.pp_size}: resume with the --pp it was written "
             "with (--tp and the number of data-parallel ranks may change)."
         )
-    return par.pp_rank * (saved_world // par.pp_size)
+    return layout_rank(par.pp_rank, 0, 0, saved_world // (saved_tp * par.pp_size), saved_tp)
 
 
 def load_trainer_state(checkpoint: Path, par: ParallelState, saved_tp: int) -> dict:

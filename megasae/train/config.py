@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 
 from megasae.checks import check_at_least, check_outlier_factor, check_types, flag
+from megasae.data import DataColumns
+from megasae.dtypes import Dtype
 from megasae.errors import SettingError
 from megasae.peft.config import DEFAULT_TOKEN_POLICY, check_prefixes
 from megasae.train.sweep import (
@@ -81,9 +83,9 @@ class TrainConfig:
     """Steps of linear learning-rate warmup; the rate then decays linearly to 0."""
     grad_clip: float = 1.0
     """Clip the SAE gradients' global norm to this; 0 turns clipping off."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     """dtype of the host model (the SAEs' weights, gradients and Adam state are float32)."""
-    sae_compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    sae_compute_dtype: Dtype = "float32"
     """dtype the SAEs compute in: bfloat16 is mixed precision (bf16 products on tensor cores over the float32
     weights), the GPU's fast path; see BENCHMARKS.md for the step times."""
     compile: bool = False
@@ -93,11 +95,11 @@ class TrainConfig:
     """Which positions the SAEs train on, by modality; padding, position 0 and special tokens never."""
     outlier_factor: float | None = DEFAULT_TOKEN_POLICY["outlier_factor"]
     """Skip tokens whose activation norm exceeds this multiple of the batch median (attention sinks)."""
-    text_column: str = "text"
+    text_column: str = DataColumns.text_column
     """Parquet column of plain text."""
-    messages_column: str = "messages"
+    messages_column: str = DataColumns.messages_column
     """Parquet column of chat messages (a list of {role, content})."""
-    images_column: str = "images"
+    images_column: str = DataColumns.images_column
     """Parquet column of encoded image bytes for chat rows."""
     output_dir: Path = Path("runs/megasae")
     """Where the adapter, checkpoints, metrics.jsonl and the resolved config go."""
@@ -151,6 +153,10 @@ class TrainConfig:
             raise SettingError(
                 "--resume continues the run in --output-dir and --overwrite deletes it: give one."
             )
+
+    def columns(self) -> DataColumns:
+        """The data arguments of the training and held-out batches."""
+        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
 
     def steps(self) -> int:
         return max(self.max_tokens // self.batch_tokens, 1)

@@ -21,6 +21,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from megasae.collectives.latents import gather_rows, shard_rows
 from megasae.data import build_batches, open_source
 from megasae.data.activations import ActivationBatches, read_manifest
+from megasae.dtypes import DTYPES
 from megasae.errors import Interrupted
 from megasae.eval.held_out import HeldOutEval, held_out_record
 from megasae.files import staging_directory
@@ -123,11 +124,9 @@ class Trainer:
             self.batches = ActivationBatches(cfg.activations, self.micro_tokens, self.par.dp_rank,
                                              self.par.dp_size, cfg.seed)
         else:
-            data_args = dict(seed=cfg.seed, text_column=cfg.text_column, messages_column=cfg.messages_column,
-                             images_column=cfg.images_column, tokens=cfg.tokens)
+            data_args = dict(seed=cfg.seed, columns=cfg.columns())
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
-            host_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-            built = build_host(cfg.model, list(cfg.target_modules), self.par, host_dtype)
+            built = build_host(cfg.model, list(cfg.target_modules), self.par, DTYPES[cfg.dtype])
             host, self.processor, self.stage, targets = (built.host, built.processor, built.stage,
                                                          built.targets)
             self.batches = build_batches(
@@ -139,8 +138,7 @@ class Trainer:
         # host forward and the latent-parallel SAEs need each of them); the others wait at the next step.
         self.held_out = HeldOutEval(
             cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
-            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, text_column=cfg.text_column,
-            messages_column=cfg.messages_column, images_column=cfg.images_column, tokens=cfg.tokens,
+            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, columns=cfg.columns(),
         ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
         self.saes = cfg.saes()  # one SAE per target, or a sweep's several
         self.sae_configs = {s.name: TopKSaeConfig(
@@ -300,7 +298,7 @@ class Trainer:
                 metrics, tokens = self.train_step()
                 # One small all-reduce a step: the real token count and whether any rank was told to stop.
                 # Every rank votes; the ranks of a TP group or a pipeline read the same tokens: one counts.
-                own_tokens = tokens if par.tp_rank == 0 and par.pp_rank == 0 else 0
+                own_tokens = tokens if par.counts_tokens else 0
                 tokens, stop_votes = sum_over_ranks([own_tokens, stop.requested], par.world_group, par.device)
                 self.tokens += int(tokens)
                 window_tokens += tokens
@@ -438,23 +436,18 @@ class Trainer:
         torch.distributed.broadcast_object_list(holder, src=0, group=self.par.dp_group)
         return holder[0]
 
-    @property
-    def writer_rank(self) -> int:
-        """The rank that writes the adapter: the first of the last stage, which always holds an SAE."""
-        return (self.par.pp_size - 1) * self.par.dp_size * self.par.tp_size
-
     def _whole_adapter_state(self) -> dict[str, torch.Tensor] | None:
         """Every SAE tensor of every stage, whole, on the writer rank (None elsewhere). Every rank calls it:
         latent-parallel SAEs gather their shards, and the stages send theirs to the writer."""
         state = {}
         if self.model is not None:
             state = {key: t for key, t in full_state_dict(self.model).items() if ".sae_" in key}
-        if self.par.pp_group is not None and self.par.dp_rank == 0 and self.par.tp_rank == 0:
-            parts = [None] * self.par.pp_size if self.par.rank == self.writer_rank else None
-            dist.gather_object(state, parts, dst=self.writer_rank, group=self.par.pp_group)
+        if self.par.pp_group is not None and self.par.leads_stage:
+            parts = [None] * self.par.pp_size if self.par.is_writer else None
+            dist.gather_object(state, parts, dst=self.par.writer_rank, group=self.par.pp_group)
             if parts is not None:
                 state = {key: t for part in parts for key, t in part.items()}
-        return state if self.par.rank == self.writer_rank else None
+        return state if self.par.is_writer else None
 
     def _save_adapter(self, directory: str | Path) -> None:
         """The whole run's adapter (every target of every stage) as standard PEFT files in `directory`."""
@@ -469,7 +462,7 @@ class Trainer:
     def _save_final_adapter(self) -> None:
         """The output directory ends as a standard PEFT adapter (a sweep's: one in a subdirectory per SAE),
         never a mix of two (see publish_adapter)."""
-        if self.par.rank != self.writer_rank:
+        if not self.par.is_writer:
             self._whole_adapter_state()
             return
         with staging_directory(self.cfg.output_dir / "adapter") as staged:

@@ -1,0 +1,20 @@
+"""The data arguments every batch stream, held-out pass and activation cache shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataColumns:
+    """Where a Parquet row keeps its text, chat messages and images, and which positions the token mask
+    keeps by modality. Configs hold these as flat fields (one flag each); their `columns()` is this value."""
+
+    text_column: str = "text"
+    """Column of plain text."""
+    messages_column: str = "messages"
+    """Column of chat messages (a list of {role, content})."""
+    images_column: str = "images"
+    """Column of encoded image bytes for chat rows."""
+    tokens: str = "all"
+    """Positions to keep: "all", "text" (not image) or "image"."""
