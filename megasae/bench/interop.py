@@ -55,20 +55,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def random_adapters(work: Path, seed: int) -> list[Path]:
-    """An SAE and a transcoder (d 576, 4608 latents, k 32) saved as megasae adapters."""
+    """A TopK SAE, a TopK transcoder and a BatchTopK SAE (d 576, 4608 latents, k 32) saved as megasae
+    adapters."""
     from megasae.formats import SaeSet, SaeWeights, adapter
     from megasae.peft import TopKSaeConfig
 
     g = torch.Generator().manual_seed(seed)
     d, latents, k = 576, 4608, 32
     paths = []
-    kinds = (("sae", False, "model.layers.15"), ("transcoder", True, "model.layers.15.mlp"))
-    for name, transcode, target in kinds:
+    kinds = (("sae", False, "model.layers.15", "topk"), ("transcoder", True, "model.layers.15.mlp", "topk"),
+             ("batchtopk", False, "model.layers.15", "batchtopk"))
+    for name, transcode, target, architecture in kinds:
         W_dec = torch.randn(latents, d, generator=g)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         W_enc = W_dec + 0.1 * torch.randn(latents, d, generator=g) / d**0.5
-        weights = SaeWeights(W_enc, torch.randn(latents, generator=g) - 6, W_dec, torch.randn(d, generator=g))
-        config = TopKSaeConfig(k=k, num_latents=latents, target_modules=[target], transcode=transcode)
+        # TopK's biases leave many tokens fewer than k positive codes (which top-k-then-ReLU and
+        # ReLU-then-top-k may treat differently); BatchTopK's threshold keeps some tens a token.
+        batchtopk = architecture == "batchtopk"
+        b_enc = torch.randn(latents, generator=g) - (0 if batchtopk else 6)
+        threshold = torch.tensor(6.5) if batchtopk else None
+        weights = SaeWeights(W_enc, b_enc, W_dec, torch.randn(d, generator=g), threshold)
+        config = TopKSaeConfig(k=k, num_latents=latents, target_modules=[target], transcode=transcode,
+                               architecture=architecture)
         paths.append(work / f"adapter-{name}")
         paths[-1].mkdir()
         adapter.write(SaeSet(config, {target: weights}, paths[-1], "megasae"), paths[-1])
@@ -76,11 +84,18 @@ def random_adapters(work: Path, seed: int) -> list[Path]:
 
 
 def megasae_outputs(weights, config, x: Tensor) -> tuple[Tensor, Tensor]:
-    """megasae's dense codes and reconstruction of `x`, through its kernels."""
+    """megasae's dense codes and reconstruction of `x`, through its kernels (a BatchTopK SAE's inference
+    rule: the latents above its threshold)."""
     from megasae import sae
 
     pre_bias = None if config.transcode else weights.b_dec
-    values, indices = sae.encode(x, weights.W_enc, weights.b_enc, pre_bias, config.k, relu=config.relu_codes)
+    if config.architecture == "batchtopk":
+        k_max = config.k_max or sae.default_k_max(config.k, weights.num_latents)
+        values, indices = sae.batchtopk_encode(x, weights.W_enc, weights.b_enc, pre_bias, config.k, k_max,
+                                               weights.threshold)
+    else:
+        values, indices = sae.encode(x, weights.W_enc, weights.b_enc, pre_bias, config.k,
+                                     relu=config.relu_codes)
     codes = torch.zeros(x.shape[0], weights.num_latents).scatter_(-1, indices, values)
     return codes, sae.decode(values, indices, weights.W_dec, weights.b_dec)
 
@@ -96,7 +111,10 @@ def run_peer(python: str, peer: str, folders: dict[str, str], inputs: Path, work
                                 "outputs": str(outputs)}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(SPARSIFY_DISABLE_TRITON="1", OMP_NUM_THREADS="2")
-    done = subprocess.run([python, str(RUNNER), str(spec)], capture_output=True, text=True, env=env, cwd=work)
+    # Absolute, as the runner runs in `work`; not resolved, which would leave a venv's symlinked Python. -I
+    # keeps the runner's folder off sys.path, where bench/kernels.py would shadow the peer's `kernels`.
+    command = [os.path.abspath(python), "-I", str(RUNNER), str(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
     if done.returncode:
         raise RuntimeError(f"{peer}'s runner failed:\n{done.stderr[-3000:]}")
     return torch.load(outputs), json.loads(done.stdout.strip().splitlines()[-1])
