@@ -11,7 +11,8 @@ Per pipeline stage (every TP rank of a stage holds the same amount):
 - SAE weights (fp32): each target's W_enc, W_dec (M/tp x d), b_enc (M/tp), b_dec (d), plus its int64
   dead-latent counters (M); gradients the same less the counters; Adam two states per weight.
 - SAE activations (fp32): x, x_hat, residual and their gradient (4 N d) plus the gathered top-k
-  candidates of the main and AuxK encoders (12 bytes each: value and index, N tp (k + k_aux)).
+  candidates of the main and AuxK encoders (12 bytes each: value and index, N tp (c + k_aux), c = k, or
+  BatchTopK's k_max candidates per token).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from megasae.dtypes import DTYPES, Dtype
 from megasae.models.loading import _is_image_text
 from megasae.parallel.architectures import Architecture, Layout, architecture, stage_layers
+from megasae.peft.config import Architecture as SaeArchitecture
+from megasae.sae import default_k_max
 
 GiB = 1024**3
 
@@ -48,7 +51,11 @@ class PlanConfig:
     expansion_factor: int = 8
     """Latents per hidden dimension when num_latents is 0."""
     k: int = 32
-    """Latents kept per token."""
+    """Latents kept per token (BatchTopK: on average)."""
+    architecture: SaeArchitecture = "topk"
+    """The SAEs' architecture, as megasae train's: batchtopk keeps k_max candidates per token."""
+    k_max: int | None = None
+    """BatchTopK's candidate latents per token; none means min(4 k, num_latents), as training."""
     micro_batch_size: int = 8
     """Sequences per forward on each rank."""
     ctx_len: int = 256
@@ -127,7 +134,8 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
     activations = tokens * (
         3 * d + 2 * local_heads * layout.head_dim + 3 * layout.intermediate_size // cfg.tp
     )
-    sae_activations = tokens * (16 * d + 12 * cfg.tp * (cfg.k + max(d // 2, 1)))
+    candidates = cfg.k if cfg.architecture == "topk" else cfg.k_max or default_k_max(cfg.k, num_latents)
+    sae_activations = tokens * (16 * d + 12 * cfg.tp * (candidates + max(d // 2, 1)))
     stages = []
     for stage, layers in enumerate(stage_layers(last + 1, cfg.pp)):
         params = sum(per_layer[i] for i in layers) + (before if stage == 0 else 0)

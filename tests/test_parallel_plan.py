@@ -1,6 +1,7 @@
 """`megasae plan`: per-rank memory from a config alone, checked against the parameters of real (tiny) modules
 after sharding and against numbers computed by hand."""
 
+import dataclasses
 import json
 
 import pytest
@@ -80,6 +81,10 @@ def test_hand_computed_tp2_pp2():
     assert second.sae_grads == 4 * 16576 and second.optimizer == 8 * 16576
     assert second.sae_activations == 4 * 16 * (4 * 64 + 3 * 2 * (4 + 32))
     assert second.targets == ("model.layers.2",)
+    # BatchTopK gathers its k_max candidates per token (by default 4 k) instead of k.
+    for k_max, candidates in ((None, 16), (10, 10)):
+        batchtopk = dataclasses.replace(cfg, architecture="batchtopk", k_max=k_max)
+        assert estimate(batchtopk, config)[1].sae_activations == 4 * 16 * (4 * 64 + 3 * 2 * (candidates + 32))
 
 
 def test_qwen25vl_7b_tp4_host_weights_by_hand(tmp_path, capsys):

@@ -103,3 +103,16 @@ def test_a_sweep_over_two_stages_saves_each_sae_whole(host_dir, tmp_path):
     run_ranks(train_and_resume_rank, 2, split)
     for name in ("k2", "k4"):
         assert_same_run(tmp_path / "one" / name, tmp_path / "pp2" / name)
+
+
+def test_pp2_trains_the_same_batchtopk_matryoshka_saes_as_one_process(host_dir, tmp_path):
+    """Each stage's BatchTopK SAE selects over the micro-batch one process would, and its threshold (saved
+    in the adapter and in each checkpoint) is the one process's too."""
+    data = text_rows(tmp_path / "text.parquet")
+    sae = dict(target_modules=("model.layers.0", "model.layers.2"), architecture="batchtopk",
+               matryoshka_prefixes=(32, 128))
+    Trainer(parallel_config(host_dir, data, tmp_path / "one", **sae)).fit()
+    run_ranks(train_and_resume_rank, 2, parallel_config(host_dir, data, tmp_path / "pp2", pp=2, **sae))
+    assert_same_run(tmp_path / "one", tmp_path / "pp2")
+    saved = load_file(tmp_path / "pp2" / "adapter_model.safetensors")
+    assert len([key for key in saved if "threshold" in key]) == 2

@@ -15,7 +15,8 @@ DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in
 
 # How codes are chosen in training: each token's k largest, or the batch's k x N largest (BatchTopK, whose
 # inference keeps the latents above a threshold learnt in training).
-ARCHITECTURES = ("topk", "batchtopk")
+Architecture = Literal["topk", "batchtopk"]
+ARCHITECTURES = get_args(Architecture)
 
 # The token policy of training (DESIGN.md, "Token mask"): whether position 0 of every sequence and the special
 # tokens were left out, the activation-norm outlier factor (None: no outlier filter) and which modality's
@@ -114,7 +115,7 @@ class TopKSaeConfig(PeftConfig):
     relu_codes: bool = field(
         default=True, metadata={"help": "relu(topk(pre)) codes; False keeps the raw top-k values (no ReLU)."}
     )
-    architecture: Literal["topk", "batchtopk"] = field(
+    architecture: Architecture = field(
         default="topk", metadata={"help": "topk (k per token) or batchtopk (k x N per batch of N tokens)."}
     )
     k_max: Optional[int] = field(

@@ -14,7 +14,7 @@ from megasae.checks import check_at_least, check_outlier_factor, check_types, fl
 from megasae.data import DataColumns
 from megasae.dtypes import Dtype
 from megasae.errors import SettingError
-from megasae.peft.config import DEFAULT_TOKEN_POLICY, check_prefixes
+from megasae.peft.config import DEFAULT_TOKEN_POLICY, Architecture, check_prefixes
 from megasae.train.sweep import (
     SaeSettings,
     SweptFloat,
@@ -55,7 +55,7 @@ class TrainConfig:
     saved in its own subdirectory of --output-dir."""
     transcode: bool = False
     """Train transcoders: read each target's input and predict its output."""
-    architecture: Literal["topk", "batchtopk"] = "topk"
+    architecture: Architecture = "topk"
     """topk keeps k latents per token; batchtopk the k x N largest of each rank's batch of N tokens, and at
     inference the latents above a threshold learnt in training."""
     k_max: int | None = None
