@@ -30,13 +30,15 @@ from megasae.models.loading import _is_image_text
 from megasae.parallel.architectures import Architecture, Layout, architecture, stage_layers
 from megasae.peft.config import Architecture as SaeArchitecture
 from megasae.sae import default_k_max
+from megasae.train.config import TrainConfig
 
 GiB = 1024**3
 
 
 @dataclass
 class PlanConfig:
-    """Per-rank GPU memory of `megasae train --tp T --pp P` on a host, read from its config.json only."""
+    """Per-rank GPU memory of `megasae train --tp T --pp P` on a host, read from its config.json only (the
+    SAE and batch settings default to megasae train's)."""
 
     model: Path
     """A Hugging Face model directory (or its config.json)."""
@@ -46,19 +48,19 @@ class PlanConfig:
     """Pipeline-parallel size."""
     target_modules: tuple[str, ...] = ("model.layers.15",)
     """Target modules (inside decoder layers)."""
-    num_latents: int = 0
+    num_latents: int = TrainConfig.num_latents
     """Latents per SAE; 0 means expansion_factor x the hidden size."""
-    expansion_factor: int = 8
+    expansion_factor: int = TrainConfig.expansion_factor
     """Latents per hidden dimension when num_latents is 0."""
-    k: int = 32
+    k: int = TrainConfig.k
     """Latents kept per token (BatchTopK: on average)."""
-    architecture: SaeArchitecture = "topk"
+    architecture: SaeArchitecture = TrainConfig.architecture
     """The SAEs' architecture, as megasae train's: batchtopk keeps k_max candidates per token."""
-    k_max: int | None = None
+    k_max: int | None = TrainConfig.k_max
     """BatchTopK's candidate latents per token; none means min(4 k, num_latents), as training."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = TrainConfig.micro_batch_size
     """Sequences per forward on each rank."""
-    ctx_len: int = 256
+    ctx_len: int = TrainConfig.ctx_len
     """Tokens per sequence."""
     dtype: Dtype = "bfloat16"
     """The host's dtype."""
