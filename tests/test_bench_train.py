@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from megasae.bench.train import default_sparsify_python, heldout_fvu, main, megasae_mask
+from megasae.bench.peers import peer_python
+from megasae.bench.train import heldout_fvu, main, megasae_mask
 
-SPARSIFY_PYTHON = default_sparsify_python()
+SPARSIFY_PYTHON = peer_python("sparsify")
 
 
 def bench(host_dir, out, *extra):

@@ -26,26 +26,17 @@ import torch
 from torch import Tensor
 
 from megasae.bench.output import report
+from megasae.bench.peers import VENVS, peer_python, runner_command
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("interop_runner.py")
-PEERS = {"saelens": ".venv-saelens", "sparsify": ".venv-sparsify"}
 TOLERANCE = 1e-5
-
-
-def default_python(venv: str) -> str | None:
-    for root in (REPO_ROOT, Path.cwd()):
-        python = root / venv / "bin" / "python"
-        if python.is_file():
-            return str(python)
-    return None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megasae bench interop",
                                 description="megasae's SAELens and sparsify exports, run by the peers' code.")
-    for peer, venv in PEERS.items():
-        p.add_argument(f"--{peer}-python", default=default_python(venv),
+    for peer, venv in VENVS.items():
+        p.add_argument(f"--{peer}-python", default=peer_python(peer),
                        help=f"a Python with {peer} installed (default {venv}/bin/python if present)")
     p.add_argument("--adapter", default=None, help="export this adapter's SAEs instead of the random ones")
     p.add_argument("--tokens", type=int, default=4096, help="activation rows per SAE (default 4096)")
@@ -111,10 +102,8 @@ def run_peer(python: str, peer: str, folders: dict[str, str], inputs: Path, work
                                 "outputs": str(outputs)}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(SPARSIFY_DISABLE_TRITON="1", OMP_NUM_THREADS="2")
-    # Absolute, as the runner runs in `work`; not resolved, which would leave a venv's symlinked Python. -I
-    # keeps the runner's folder off sys.path, where bench/kernels.py would shadow the peer's `kernels`.
-    command = [os.path.abspath(python), "-I", str(RUNNER), str(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
+    done = subprocess.run(runner_command(python, RUNNER, str(spec)), capture_output=True, text=True, env=env,
+                          cwd=work)
     if done.returncode:
         raise RuntimeError(f"{peer}'s runner failed:\n{done.stderr[-3000:]}")
     return torch.load(outputs), json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
         work = Path(tmp)
         sources = [Path(args.adapter)] if args.adapter else random_adapters(work, args.seed)
         g = torch.Generator().manual_seed(args.seed + 1)
-        for peer in PEERS:
+        for peer in VENVS:
             python = getattr(args, f"{peer}_python")
             folders, expected, inputs = {}, {}, {}
             for source in sources:

@@ -44,19 +44,11 @@ import torch
 from torch import Tensor
 
 from megasae.bench.output import report
+from megasae.bench.peers import peer_python, runner_command
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("sparsify_runner.py")
 VARIANTS = ("shipped", "masked")
 VARIANT_LABELS = {"shipped": "sparsify, as shipped", "masked": "sparsify, megasae's mask"}
-
-
-def default_sparsify_python() -> str | None:
-    for root in (REPO_ROOT, Path.cwd()):
-        python = root / ".venv-sparsify" / "bin" / "python"
-        if python.is_file():
-            return str(python)
-    return None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="steps each trainer runs before the next one takes a turn (default 8)")
     p.add_argument("--host-batches", type=int, default=1,
                    help="batches per round timed through the host alone, truncated and full (default 1)")
-    p.add_argument("--sparsify-python", default=default_sparsify_python(),
+    p.add_argument("--sparsify-python", default=peer_python("sparsify"),
                    help="a Python with eai-sparsify installed (default .venv-sparsify/bin/python if present)")
     p.add_argument("--sparsify-variants", default=",".join(VARIANTS),
                    help="comma-separated: shipped (all positions), masked (megasae's mask); default both")
@@ -265,7 +257,7 @@ def start_sparsify(python: str, variant: str, work: Path, model_dir: str, hookpo
                SPARSIFY_DISABLE_TRITON="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     log_path = run_dir / "log.txt"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([python, str(RUNNER), str(spec_path)], stdin=subprocess.PIPE,
+        proc = subprocess.Popen(runner_command(python, RUNNER, str(spec_path)), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=run_dir)
     return SparsifyRun(variant, proc, log_path, run_dir / "sae.pt")
 
