@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -36,6 +37,19 @@ def shard_saes(model: nn.Module, group: dist.ProcessGroup | None) -> None:
                 shard = latents.shard_rows(full.detach(), group).clone()
                 getattr(layer, name)[adapter] = nn.Parameter(shard, requires_grad=full.requires_grad)
         layer.latent_group = group
+
+
+def load_whole_sae(layer: TopKSaeLayer, adapter: str, weights) -> None:
+    """Copy a whole SAE (a megasae.formats.SaeWeights: W_enc, b_enc, W_dec, b_dec and a BatchTopK SAE's
+    threshold) into `adapter` of `layer`, a latent-parallel rank keeping its block of latents."""
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            whole = getattr(weights, name)
+            if layer.latent_group is not None and f"sae_{name}" in SHARDED:
+                whole = latents.shard_rows(whole, layer.latent_group)
+            getattr(layer, f"sae_{name}")[adapter].copy_(whole)
+        if weights.threshold is not None:  # replicated on every rank
+            layer.sae_threshold[adapter].copy_(weights.threshold)
 
 
 def sharded_parameters(model: nn.Module) -> set[int]:

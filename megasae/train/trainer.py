@@ -37,7 +37,7 @@ from megasae.parallel.pipeline import run_to_targets
 from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
 from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.peft.control import adapter_parameters, sae_keys
-from megasae.peft.shard import full_state_dict, shard_saes, sharded_parameters
+from megasae.peft.shard import full_state_dict, load_whole_sae, shard_saes, sharded_parameters
 from megasae.train.cache import CacheConfig
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
@@ -402,16 +402,7 @@ class Trainer:
                     f"Checkpoint {checkpoint} has no SAE on {layer.module_path!r}: it was written for other "
                     "target modules."
                 )
-            whole = saved[layer.module_path]
-            for name, tensor in (("sae_W_enc", whole.W_enc), ("sae_b_enc", whole.b_enc),
-                                 ("sae_W_dec", whole.W_dec), ("sae_b_dec", whole.b_dec)):
-                param = getattr(layer, name)[adapter]
-                if tensor.shape != param.shape:
-                    tensor = shard_rows(tensor, self.par.tp_group)
-                with torch.no_grad():
-                    param.copy_(tensor)
-            if whole.threshold is not None:  # BatchTopK's inference threshold, replicated on every rank
-                layer.sae_threshold[adapter].copy_(whole.threshold)
+            load_whole_sae(layer, adapter, saved[layer.module_path])
 
     def _reshard_optimizer_state(self, state: dict, reshard) -> dict:
         """`state` (an optimizer state dict) with the per-latent moments of latent-parallel SAEs passed
