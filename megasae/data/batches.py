@@ -59,7 +59,7 @@ class BatchStream:
         return item, where
 
     def _check_progress(self, idle: int, unit: str) -> None:
-        # Without this a rank whose rows never fill a sequence would loop forever.
+        # Without this a stream whose rows never fill a sequence would loop forever.
         if idle >= self._source.rows_per_epoch:
             raise ValueError(f"{self.name} yields less than one {unit} per epoch.")
 
