@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import warnings
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import tyro
 
-from megasae.errors import BAD_INPUT_EXIT, exit_code
+from megasae.errors import BAD_INPUT_EXIT, SettingError, exit_code
 
 
 def _config_file(args: list[str]) -> Path | None:
@@ -22,6 +24,36 @@ def _config_file(args: list[str]) -> Path | None:
     return None
 
 
+def parse(config_type, args: list[str], prog: str, **kwargs):
+    """tyro.cli, whose refusals (an unknown flag, a bad value or choice, a missing required flag) become one
+    sentence like every other refusal instead of tyro's box; --help prints as tyro writes it."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            cfg = tyro.cli(config_type, args=args, prog=prog, **kwargs)
+    except SystemExit as done:
+        if done.code:
+            raise SettingError(f"{_box_sentence(box.getvalue())} ({prog} --help lists every flag)") from None
+        sys.stderr.write(box.getvalue())
+        raise
+    sys.stderr.write(box.getvalue())  # whatever else tyro said (a warning, say)
+    return cfg
+
+
+def _box_sentence(box: str) -> str:
+    """The message of tyro's error in one line: its text between the title and the help pointer, a list of
+    flags (the missing ones) by their names only. Rich draws it boxed, or plain with ASCII rules, as the
+    stream allows."""
+    lines = [line.strip(" │╭╮╰╯|+") for line in box.splitlines()]
+    lines = [line for line in lines if line]  # the title first (in the top border when boxed)
+    rules = [i for i, line in enumerate(lines) if set(line) <= {"─", "-"}]
+    start = 2 if rules and rules[0] == 1 else 1  # the plain layout rules the title off
+    body = lines[start:next((i for i in rules if i >= start), len(lines))]
+    flags = [line.split()[0] for line in body if line.startswith("--")]
+    text = f"{body[0]} {', '.join(flags)}" if body and flags else " ".join(body)
+    return " ".join(text.split()) or box.strip()
+
+
 def train_command(args: list[str]) -> None:
     """Train TopK SAEs (the built-in default with no flags)."""
     from megasae.formats.adapter import adapter_path
@@ -31,7 +63,7 @@ def train_command(args: list[str]) -> None:
 
     config_file = _config_file(args)
     default = TrainConfig(**load_config_file(config_file)) if config_file else TrainConfig()
-    cfg = tyro.cli(TrainConfig, args=args, default=default, prog="megasae train")
+    cfg = parse(TrainConfig, args, "megasae train", default=default)
     train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         adapters = [adapter_path(cfg.output_dir, sae.name) for sae in cfg.saes()]
@@ -43,7 +75,7 @@ def cache_command(args: list[str]) -> None:
     from megasae.data.activations import MANIFEST
     from megasae.train.cache import CacheConfig, write_cache
 
-    out = write_cache(tyro.cli(CacheConfig, args=args, prog="megasae cache"))
+    out = write_cache(parse(CacheConfig, args, "megasae cache"))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {out / MANIFEST}")
 
@@ -52,7 +84,7 @@ def eval_command(args: list[str]) -> None:
     """Evaluate an SAE adapter on held-out data: eval.json, report.md and plots."""
     from megasae.eval import EvalConfig, run_eval
 
-    out = run_eval(tyro.cli(EvalConfig, args=args, prog="megasae eval"))
+    out = run_eval(parse(EvalConfig, args, "megasae eval"))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {out / 'report.md'} and {out / 'eval.json'}")
 
@@ -61,16 +93,16 @@ def inspect_command(args: list[str]) -> None:
     """Write an HTML page of chosen latents' top-activating contexts."""
     from megasae.eval import InspectConfig, run_inspect
 
-    page = run_inspect(tyro.cli(InspectConfig, args=args, prog="megasae inspect"))
+    page = run_inspect(parse(InspectConfig, args, "megasae inspect"))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {page}")
 
 
 def plan_command(args: list[str]) -> None:
     """Per-rank memory of a tensor/pipeline-parallel run, from the host's config.json alone."""
-    from megasae.plan import main
+    from megasae.plan import PlanConfig, plan
 
-    main(args)
+    print(plan(parse(PlanConfig, args, "megasae plan")))
 
 
 def export_command(args: list[str]) -> None:
@@ -78,7 +110,7 @@ def export_command(args: list[str]) -> None:
     from megasae.formats import export
     from megasae.formats.commands import ExportConfig
 
-    cfg = tyro.cli(ExportConfig, args=args, prog="megasae export")
+    cfg = parse(ExportConfig, args, "megasae export")
     notes = export(cfg.adapter, cfg.format, cfg.output_dir, cfg.target, cfg.eval_json, cfg.base_model_prefix)
     for note in notes:
         print(f"note: {note}")
@@ -90,7 +122,7 @@ def import_command(args: list[str]) -> None:
     from megasae.formats import import_sae
     from megasae.formats.commands import ImportConfig
 
-    cfg = tyro.cli(ImportConfig, args=args, prog="megasae import")
+    cfg = parse(ImportConfig, args, "megasae import")
     saes = import_sae(cfg.source, cfg.output_dir, cfg.base_model_prefix)
     print(f"wrote {cfg.output_dir} ({saes.format} SAEs on {', '.join(saes.saes)})")
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import tyro
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
 from megasae.dtypes import DTYPES, Dtype
@@ -203,10 +202,10 @@ def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory])
     return "\n".join(lines)
 
 
-def main(args: list[str]) -> None:
-    cfg = tyro.cli(PlanConfig, args=args, prog="megasae plan")
+def plan(cfg: PlanConfig) -> str:
+    """The table `megasae plan` prints."""
     path = cfg.model.parent if cfg.model.name == "config.json" else cfg.model
     if not (path / "config.json").is_file():
-        raise SystemExit(f"megasae plan: {path} has no config.json; pass a Hugging Face model directory.")
+        raise FileNotFoundError(f"--model {path} has no config.json; pass a Hugging Face model directory.")
     config = AutoConfig.from_pretrained(path)
-    print(render(cfg, config, estimate(cfg, config)))
+    return render(cfg, config, estimate(cfg, config))

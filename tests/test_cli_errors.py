@@ -36,6 +36,10 @@ def _bad_files(tmp_path):
 
 
 TRAIN_CASES = [
+    (["--architecture", "nope"],
+     "invalid choice 'nope' for argument '--architecture'. Expected one of ('topk', 'batchtopk')"),
+    (["--k", "abc"], "Error parsing --k: invalid literal for int() with base 10: 'abc'"),
+    (["--bogus-flag", "3"], "Unrecognized options: --bogus-flag, 3"),
     (["--ctx-len", "0"], "--ctx-len must be at least 1, got 0"),
     (["--batch-tokens", "0"], "--batch-tokens must be at least 1, got 0"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1, got 0"),
@@ -80,6 +84,8 @@ OTHER_CASES = [
     (["inspect", "--adapter", "{tmp}/bad-adapter", "--top", "2", "--examples", "0"],
      "megasae inspect: error: ", "--examples must be at least 1"),
     (["bench", "nope"], "megasae bench: error: ", "valid names: kernels"),
+    (["export"], "megasae export: error: ", "Missing from megasae export: --adapter, --format, --output-dir"),
+    (["plan", "--model", "{tmp}/nowhere"], "megasae plan: error: ", "nowhere has no config.json"),
     (["trian"], "megasae: error: ", "unknown command 'trian'; valid commands: train"),
 ]
 
@@ -99,6 +105,13 @@ def test_the_installed_entry_point_prints_one_line_and_debug_the_traceback(tmp_p
     assert plain.stderr.strip().splitlines() == ["megasae train: error: --ctx-len must be at least 1, got 0."]
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "SettingError" in debug.stderr
+    # A flag tyro refuses: rich draws its box here (not under pytest's capture), and it becomes one line.
+    choice = subprocess.run([*command[:-2], "--architecture", "nope"], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert choice.returncode == 2
+    assert choice.stderr.strip().splitlines() == [
+        "megasae train: error: invalid choice 'nope' for argument '--architecture'. Expected one of ('topk', "
+        "'batchtopk'). (megasae train --help lists every flag)"]
 
 
 def test_a_rank_leaves_its_process_group_when_its_command_ends(tmp_path, capsys):
