@@ -28,7 +28,7 @@ from megasae.dtypes import DTYPES, Dtype
 from megasae.models.loading import _is_image_text
 from megasae.parallel.architectures import Architecture, Layout, architecture, stage_layers
 from megasae.peft.config import Architecture as SaeArchitecture
-from megasae.sae import default_k_max
+from megasae.sae import candidates_per_row
 from megasae.train.config import TrainConfig
 
 GiB = 1024**3
@@ -135,7 +135,7 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
     activations = tokens * (
         3 * d + 2 * local_heads * layout.head_dim + 3 * layout.intermediate_size // cfg.tp
     )
-    candidates = cfg.k if cfg.architecture == "topk" else cfg.k_max or default_k_max(cfg.k, num_latents)
+    candidates = cfg.k if cfg.architecture == "topk" else candidates_per_row(cfg.k, num_latents, cfg.k_max)
     sae_activations = tokens * (16 * d + 12 * cfg.tp * (candidates + max(d // 2, 1)))
     stages = []
     for stage, layers in enumerate(stage_layers(last + 1, cfg.pp)):

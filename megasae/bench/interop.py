@@ -81,7 +81,7 @@ def megasae_outputs(weights, config, x: Tensor) -> tuple[Tensor, Tensor]:
 
     pre_bias = None if config.transcode else weights.b_dec
     if config.architecture == "batchtopk":
-        k_max = config.k_max or sae.default_k_max(config.k, weights.num_latents)
+        k_max = sae.candidates_per_row(config.k, weights.num_latents, config.k_max)
         values, indices = sae.batchtopk_encode(x, weights.W_enc, weights.b_enc, pre_bias, config.k, k_max,
                                                weights.threshold)
     else:

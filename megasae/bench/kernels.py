@@ -165,7 +165,7 @@ class BatchTopK(Megasae):
 
         super().__init__(t, shape)
         self.batchtopk = batchtopk
-        self.k_max = batchtopk.default_k_max(shape.k, shape.M)
+        self.k_max = batchtopk.candidates_per_row(shape.k, shape.M)
 
     def __call__(self) -> None:
         self.zero_grad()

@@ -227,7 +227,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             compute_dtype=config.torch_compute_dtype,
             relu=config.relu_codes,
             architecture=config.architecture,
-            k_max=config.k_max or sae.default_k_max(config.k, num_latents),
+            k_max=sae.candidates_per_row(config.k, num_latents, config.k_max),
             prefixes=tuple(config.matryoshka_prefixes or ()),
             prefix_weights=config.prefix_weights(),
         )

@@ -1,6 +1,6 @@
 """The SAE math: pure functions of the weights, used by the PEFT layer and the trainer."""
 
-from megasae.sae.batchtopk import batchtopk_encode, default_k_max, update_threshold_
+from megasae.sae.batchtopk import batchtopk_encode, candidates_per_row, update_threshold_
 from megasae.sae.functional import (
     SaeOutput,
     auxk_loss,
@@ -22,7 +22,7 @@ __all__ = [
     "auxk_loss",
     "batchtopk_encode",
     "decode",
-    "default_k_max",
+    "candidates_per_row",
     "encode",
     "fraction_of_variance_unexplained",
     "init_weights",

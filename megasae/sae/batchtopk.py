@@ -33,8 +33,9 @@ CANDIDATES_PER_K = 4
 THRESHOLD_RATE = 0.1
 
 
-def default_k_max(k: int, num_latents: int) -> int:
-    return min(CANDIDATES_PER_K * k, num_latents)
+def candidates_per_row(k: int, num_latents: int, k_max: int | None = None) -> int:
+    """k_max as set, or by default CANDIDATES_PER_K x k (at most every latent)."""
+    return k_max or min(CANDIDATES_PER_K * k, num_latents)
 
 
 def _kept(values: Tensor, k: int, threshold: Tensor | None) -> Tensor:
