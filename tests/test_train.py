@@ -84,7 +84,10 @@ def _resume_rank(rank, world_size, host_dir, text_data, root):
 
 def test_resume_continues_exactly_on_two_ranks(host_dir, text_data, tmp_path):
     run_ranks(_resume_rank, 2, host_dir, text_data, tmp_path)
-    assert latest_checkpoint(tmp_path / "split").name == "step-00000006"
+    latest = latest_checkpoint(tmp_path / "split")
+    assert latest.name == "step-00000006"
+    # The two replicas hold one state: only the first writes it.
+    assert [p.name for p in latest.glob("trainer-rank*.pt")] == ["trainer-rank0.pt"]
     a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "split")
     for key in a:
         assert torch.equal(a[key], b[key]), key

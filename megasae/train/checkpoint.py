@@ -6,7 +6,8 @@ Layout under the output directory:
         adapter_config.json          the whole PEFT adapter (written by one rank)
         adapter_model.safetensors
         config.json                  the run's settings, which --resume compares with its own
-        trainer-rank0.pt             optimizer, schedule, data position, RNG, dead-latent counters
+        trainer-rank0.pt             optimizer, schedule, data position, RNG, dead-latent counters: one
+                                     per pipeline stage, named after the stage's first rank
     checkpoints/latest               the name of the newest complete checkpoint
 
 A checkpoint is written under a temporary name and renamed when every rank has finished, always to a
@@ -31,7 +32,6 @@ import torch
 
 from megasae.files import fix_modes, write_atomic
 from megasae.parallel import ParallelState, barrier
-from megasae.parallel.distributed import layout_rank
 
 LATEST = "latest"
 CONFIG = "config.json"
@@ -86,7 +86,8 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(config_json)
     barrier(par.world_group)
     save_adapter(tmp)  # every rank: SAE shards and pipeline stages are gathered, one rank writes
-    torch.save(trainer_state, tmp / f"trainer-rank{par.rank}.pt")
+    if par.leads_stage:  # the other ranks of a stage hold the same state
+        torch.save(trainer_state, tmp / f"trainer-rank{par.rank}.pt")
     name = _free_name(root, step)  # before the barrier: no rank may see the rename
     barrier(par.world_group)
     if par.is_main:
@@ -100,22 +101,24 @@ def save_checkpoint(
     return root / name
 
 
-def _saved_rank(checkpoint: Path, saved_tp: int, par: ParallelState) -> int:
-    """The rank whose state this rank resumes from. The states hold whole SAEs and Adam moments, and the data
-    position is the same on every data-parallel rank, so --tp and the number of data-parallel ranks may
-    change: every rank reads the first rank's file of its pipeline stage. The stages must stay."""
-    saved_world = len(list(checkpoint.glob("trainer-rank*.pt")))
-    if saved_world % (saved_tp * par.pp_size):
+def _stage_state(checkpoint: Path, par: ParallelState) -> Path:
+    """The trainer state of this rank's pipeline stage. It holds whole SAEs, whole Adam moments and the one
+    data position, so --tp and the number of data-parallel ranks may change; the stages must stay. Earlier
+    checkpoints hold a state per rank, of which the stage's first is the same."""
+    def rank(state: Path) -> int:
+        return int(state.stem.removeprefix("trainer-rank"))
+
+    files = sorted(checkpoint.glob("trainer-rank*.pt"), key=rank)
+    if not files or len(files) % par.pp_size:
         raise ValueError(
-            f"Checkpoint {checkpoint} was written by {saved_world} ranks at --tp {saved_tp}, which is not "
-            f"a multiple of tp x pp for this run's --pp {par.pp_size}: resume with the --pp it was written "
-            "with (--tp and the number of data-parallel ranks may change)."
+            f"Checkpoint {checkpoint} holds {len(files)} trainer states, which do not divide into this run's "
+            f"{par.pp_size} pipeline stages: resume with the --pp it was written with."
         )
-    return layout_rank(par.pp_rank, 0, 0, saved_world // (saved_tp * par.pp_size), saved_tp)
+    return files[par.pp_rank * (len(files) // par.pp_size)]
 
 
-def load_trainer_state(checkpoint: Path, par: ParallelState, saved_tp: int) -> dict:
-    path = checkpoint / f"trainer-rank{_saved_rank(checkpoint, saved_tp, par)}.pt"
+def load_trainer_state(checkpoint: Path, par: ParallelState) -> dict:
+    path = _stage_state(checkpoint, par)
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -374,11 +374,8 @@ class Trainer:
     def _restore(self, checkpoint: Path) -> None:
         for s in self.saes:
             self._restore_sae(checkpoint, s.name)
-        saved_tp = (saved_config(checkpoint) or {}).get("tp", self.par.tp_size)
-        state = load_trainer_state(checkpoint, self.par, saved_tp)
-        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
-            state["optimizer"] = self._broadcast_object(state["optimizer"])
-        elif self.optimizer is not None:
+        state = load_trainer_state(checkpoint, self.par)  # ZeRO-1's whole state too: rank 0 wrote it
+        if self.optimizer is not None and not isinstance(self.optimizer, ZeroRedundancyOptimizer):
             state["optimizer"] = self._reshard_optimizer_state(state["optimizer"], shard_rows)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -421,11 +418,6 @@ class Trainer:
                     for key, value in per_param[index].items()
                 }
         return {**state, "state": per_param}
-
-    def _broadcast_object(self, obj):
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0, group=self.par.dp_group)
-        return holder[0]
 
     def _whole_adapter_state(self) -> dict[str, torch.Tensor] | None:
         """Every SAE tensor of every stage, whole, on the writer rank (None elsewhere). Every rank calls it:
