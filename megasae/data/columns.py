@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DataColumns:
     """Where a Parquet row keeps its text, chat messages and images, and which positions the token mask
-    keeps by modality. Configs hold these as flat fields (one flag each); their `columns()` is this value."""
+    keeps by modality. Configs hold these as flat fields (one flag each); `DataColumns.of(config)` is their
+    value."""
 
     text_column: str = "text"
     """Column of plain text."""
@@ -18,3 +19,8 @@ class DataColumns:
     """Column of encoded image bytes for chat rows."""
     tokens: str = "all"
     """Positions to keep: "all", "text" (not image) or "image"."""
+
+    @classmethod
+    def of(cls, config) -> DataColumns:
+        """The value of a config that holds these as flat fields (one flag each)."""
+        return cls(config.text_column, config.messages_column, config.images_column, config.tokens)

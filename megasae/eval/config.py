@@ -76,11 +76,6 @@ class HeldOutData:
         outlier_factor = policy["outlier_factor"] if self.outlier_factor == ADAPTER else self.outlier_factor
         return dataclasses.replace(self, tokens=tokens, outlier_factor=outlier_factor)
 
-    def columns(self) -> DataColumns:
-        """The data arguments of the held-out batches; call it on `following()`'s result, which settles
-        'adapter'."""
-        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
-
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 

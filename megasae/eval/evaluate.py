@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from megasae import sae
+from megasae.data import DataColumns
 from megasae.data.masks import image_token_ids
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import EvalConfig, HeldOutData
@@ -56,7 +57,7 @@ def evaluate(cfg: EvalConfig, par: ParallelState | None = None) -> dict:
     next_token = {path: {g: NextTokenStats() for g in groups} for path in host.targets} if scores else {}
     tokens = sequences = 0
     for batch in held_out_batches(cfg.data, host.processor, max_tokens=cfg.max_tokens, ctx_len=cfg.ctx_len,
-                                  batch_size=cfg.batch_size, seed=cfg.seed, columns=cfg.columns()):
+                                  batch_size=cfg.batch_size, seed=cfg.seed, columns=DataColumns.of(cfg)):
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         mask = batch.token_mask.to(device)
         input_ids = inputs["input_ids"]

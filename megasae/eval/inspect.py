@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megasae.data import DataColumns
 from megasae.data.masks import image_token_ids, tokenizer_of
 from megasae.eval.batches import held_out_batches
 from megasae.eval.config import InspectConfig
@@ -116,7 +117,7 @@ class Collector:
             ctx_len=cfg.ctx_len,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            columns=cfg.columns(),
+            columns=DataColumns.of(cfg),
         )
         for batch in batches:
             inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}

@@ -79,10 +79,6 @@ class CacheConfig:
         check_types(self)
         check_at_least(self, 1, "max_tokens", "shard_tokens", "ctx_len", "micro_batch_size", "tp", "pp")
 
-    def columns(self) -> DataColumns:
-        """The data arguments of the cached batches."""
-        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
-
     def settings(self) -> dict:
         """What a continued cache must share with the one it continues (and a run with its host); not --tp
         or --pp, which do not change the activations."""
@@ -205,7 +201,7 @@ def write_cache(cfg: CacheConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     host = _CacheHost(cfg, par)
     batches = build_batches(cfg.data, host.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size,
-                            rank=0, world_size=1, seed=cfg.seed, columns=cfg.columns())
+                            rank=0, world_size=1, seed=cfg.seed, columns=DataColumns.of(cfg))
     widths = host.gather(host.widths if host.records else {})
     if manifest is None and par.is_main:
         targets = {path: {"width": width, "transcode": cfg.transcode} for path, width in widths.items()}

@@ -154,10 +154,6 @@ class TrainConfig:
                 "--resume continues the run in --output-dir and --overwrite deletes it: give one."
             )
 
-    def columns(self) -> DataColumns:
-        """The data arguments of the training and held-out batches."""
-        return DataColumns(self.text_column, self.messages_column, self.images_column, self.tokens)
-
     def steps(self) -> int:
         return max(self.max_tokens // self.batch_tokens, 1)
 

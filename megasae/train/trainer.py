@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megasae.collectives.latents import gather_rows, shard_rows
-from megasae.data import build_batches, open_source
+from megasae.data import DataColumns, build_batches, open_source
 from megasae.data.activations import ActivationBatches, read_manifest
 from megasae.dtypes import DTYPES
 from megasae.errors import Interrupted
@@ -118,13 +118,14 @@ class Trainer:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
         checkpoint = self._checkpoint_to_resume() if cfg.resume else None
 
+        data_columns = DataColumns.of(cfg)
         self.host_name, self.data_name = cfg.model or DEFAULT_MODEL_NAME, cfg.data
         if cfg.activations is not None:
             host, self.stage, targets = self._replay_host(), None, list(cfg.target_modules)
             self.batches = ActivationBatches(cfg.activations, self.micro_tokens, self.par.dp_rank,
                                              self.par.dp_size, cfg.seed)
         else:
-            data_args = dict(seed=cfg.seed, columns=cfg.columns())
+            data_args = dict(seed=cfg.seed, columns=data_columns)
             open_source(cfg.data, **data_args)  # bad data fails here, not after minutes of loading the host
             built = build_host(cfg.model, list(cfg.target_modules), self.par, DTYPES[cfg.dtype])
             host, self.processor, self.stage, targets = (built.host, built.processor, built.stage,
@@ -138,7 +139,7 @@ class Trainer:
         # host forward and the latent-parallel SAEs need each of them); the others wait at the next step.
         self.held_out = HeldOutEval(
             cfg.eval_data, self.processor, self.par.device, cfg.outlier_factor, max_tokens=cfg.eval_tokens,
-            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, columns=cfg.columns(),
+            ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, columns=data_columns,
         ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
         self.saes = cfg.saes()  # one SAE per target, or a sweep's several
         self.sae_configs = {s.name: TopKSaeConfig(
