@@ -154,14 +154,18 @@ class ChatStream(BatchStream):
     def __next__(self) -> Batch:
         rows, taken, idle, mine = [], 0, 0, self._mine
         while taken < self._world_size * self.batch_size:  # every rank reads the whole global micro-batch
-            row, where = self._pull()
-            rendered = self._encoder.render(row, where)  # every rank: which rows are empty
-            if rendered is None:
+            text, images, where = self._encoder.render(*self._pull())
+            if mine.start <= taken < mine.stop:  # this rank's rows: their images are processed
+                encoded = self._encoder.encode(text, images, where)
+                empty = encoded is None
+                if not empty:
+                    rows.append(encoded)
+            else:  # every rank skips the same rows, those without tokens
+                empty = not self._encoder.has_tokens(text)
+            if empty:
                 idle += 1
                 self._check_progress(idle, "non-empty chat")
                 continue
-            if mine.start <= taken < mine.stop:  # only this rank's rows: their images are processed
-                rows.append(self._encoder.encode(*rendered))
             taken += 1
         inputs = collate(rows, self._encoder.image_keys, self._pad_id)
         mask = self._masker(inputs["input_ids"], inputs["attention_mask"])

@@ -96,9 +96,9 @@ class ChatEncoder:
         self.ctx_len, self.image_ids = ctx_len, image_ids
         self.messages_column, self.images_column = messages_column, images_column
 
-    def render(self, row: dict, where: str) -> tuple[str, list, str] | None:
-        """(the chat template's text, the row's encoded images, where) or None when the text has no
-        tokens: the cheap half, without the images' processing."""
+    def render(self, row: dict, where: str) -> tuple[str, list, str]:
+        """(the chat template's text, the row's encoded images, where): the cheap half, without the images'
+        processing."""
         messages, num_parts = _messages(
             row[self.messages_column] or [], where, self.image_processor is not None
         )
@@ -108,14 +108,16 @@ class ChatEncoder:
                 f"{where} has {num_parts} image parts in '{self.messages_column}' but {len(raw_images)} "
                 f"images in '{self.images_column}'; each image part needs one image, in order."
             )
-        text = self.processor.apply_chat_template(messages, tokenize=False)
-        # An image part renders to placeholder tokens, so a text without tokens has no images either.
-        if not self.tokenizer(text, add_special_tokens=False)["input_ids"]:
-            return None
-        return text, raw_images, where
+        return self.processor.apply_chat_template(messages, tokenize=False), raw_images, where
 
-    def encode(self, text: str, raw_images: list, where: str) -> dict[str, torch.Tensor]:
-        """The model inputs of a rendered row (batch dimension 1), cut to ctx_len."""
+    def has_tokens(self, text: str) -> bool:
+        """Whether a rendered row has any token, without processing its images (an image part renders to
+        placeholder tokens, so a text without tokens has no images either)."""
+        return bool(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str, raw_images: list, where: str) -> dict[str, torch.Tensor] | None:
+        """The model inputs of a rendered row (batch dimension 1), cut to ctx_len; None when it has no
+        tokens."""
         images = [decode_image(data, where, self.images_column, i) for i, data in enumerate(raw_images)]
         # The template already wrote any BOS it wants.
         if self.image_processor is not None:
@@ -124,6 +126,8 @@ class ChatEncoder:
             )
         else:
             inputs = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        if inputs["input_ids"].shape[1] == 0:
+            return None
         return _truncate(dict(inputs), self.image_keys, self.ctx_len, self.image_ids)
 
 
