@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The built-in default (SmolLM2-135M-Instruct, model.layers.15, k 32, 8x expansion, stdlib text)
+# The built-in default (SmolLM2-135M-Instruct, model.layers.15, k 32, 32x expansion, stdlib text)
 # as two data-parallel CPU ranks on this machine (gloo). Extra flags go to `megasae train`.
 #   bash launch/train_default_cpu.sh --max-tokens 200000
 set -euo pipefail

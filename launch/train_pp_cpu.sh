@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The built-in default (SmolLM2-135M-Instruct, model.layers.15, k 32, 4608 latents) pipeline parallel over
+# The built-in default (SmolLM2-135M-Instruct, model.layers.15, k 32, 18432 latents) pipeline parallel over
 # 2 CPU ranks on this machine (gloo): stage 0 runs decoder layers 0-7 and relays the hidden state, stage 1
 # runs layers 8-15 and trains the SAE; rank 0 logs, the last stage writes the adapter.
 #   bash launch/train_pp_cpu.sh --max-tokens 20480

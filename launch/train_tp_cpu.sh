@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The built-in default (SmolLM2-135M-Instruct, model.layers.15, k 32, 4608 latents) tensor parallel over
+# The built-in default (SmolLM2-135M-Instruct, model.layers.15, k 32, 18432 latents) tensor parallel over
 # CPU ranks on this machine (gloo): the host's heads and MLP and the SAE's latents split over 3 ranks.
 # SmolLM2-135M has 9 query and 3 KV heads, so --tp must be 1, 3 or 9 (2 is refused up front).
 #   bash launch/train_tp_cpu.sh --max-tokens 20480

@@ -24,20 +24,22 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
+from megasae.checks import check_at_least
 from megasae.dtypes import DTYPES, Dtype
 from megasae.models.loading import _is_image_text
 from megasae.parallel.architectures import Architecture, Layout, architecture, stage_layers
-from megasae.peft.config import Architecture as SaeArchitecture
 from megasae.sae import candidates_per_row
-from megasae.train.config import TrainConfig
+from megasae.train.config import SaeSize, TrainConfig
+from megasae.train.sweep import combinations, comma_lists
 
 GiB = 1024**3
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(SaeSize):
     """Per-rank GPU memory of `megasae train --tp T --pp P` on a host, read from its config.json only (the
-    SAE and batch settings default to megasae train's)."""
+    SAE and batch settings are megasae train's flags, with its defaults; comma lists plan every SAE of the
+    sweep)."""
 
     model: Path
     """A Hugging Face model directory (or its config.json)."""
@@ -45,26 +47,33 @@ class PlanConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
-    target_modules: tuple[str, ...] = ("model.layers.15",)
+    target_modules: tuple[str, ...] = TrainConfig.target_modules
     """Target modules (inside decoder layers)."""
-    num_latents: int = TrainConfig.num_latents
-    """Latents per SAE; 0 means expansion_factor x the hidden size."""
-    expansion_factor: int = TrainConfig.expansion_factor
-    """Latents per hidden dimension when num_latents is 0."""
-    k: int = TrainConfig.k
-    """Latents kept per token (BatchTopK: on average)."""
-    architecture: SaeArchitecture = TrainConfig.architecture
-    """The SAEs' architecture, as megasae train's: batchtopk keeps k_max candidates per token."""
-    k_max: int | None = TrainConfig.k_max
-    """BatchTopK's candidate latents per token; none means min(4 k, num_latents), as training."""
     micro_batch_size: int = TrainConfig.micro_batch_size
     """Sequences per forward on each rank."""
     ctx_len: int = TrainConfig.ctx_len
     """Tokens per sequence."""
     dtype: Dtype = "bfloat16"
-    """The host's dtype."""
+    """The host's dtype (megasae train's default is float32, for CPUs; GPUs run bfloat16 hosts)."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU in GiB; stages that need more are flagged."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 1, "tp", "pp", "micro_batch_size", "ctx_len")
+
+    def sae_sizes(self, width: int) -> list[tuple[int, int]]:
+        """(k, num_latents) of each SAE a target of `width` gets: one, or each combination of comma lists."""
+        sizes = []
+        for entry in combinations(comma_lists(self, SIZE_SWEPT)):
+            sae = {name: getattr(self, name) for name in SIZE_SWEPT} | entry
+            self.check_sae(sae["k"], sae["num_latents"])
+            sizes.append((sae["k"], sae["num_latents"] or sae["expansion_factor"] * width))
+        return sizes
+
+
+# The swept settings that change an SAE's size.
+SIZE_SWEPT = ("k", "num_latents", "expansion_factor")
 
 
 @dataclass(frozen=True)
@@ -125,18 +134,21 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
     per_layer, before = host_params(config, arch, layout)
     d, host_bytes = text.hidden_size, DTYPES[cfg.dtype].itemsize
     tokens = cfg.micro_batch_size * cfg.ctx_len
-    num_latents = cfg.num_latents or cfg.expansion_factor * d
-    if num_latents % cfg.tp:
-        raise ValueError(
-            f"{num_latents} latents cannot be split over --tp {cfg.tp}; choose a multiple of {cfg.tp}."
-        )
-    sae_params = 2 * num_latents // cfg.tp * d + num_latents // cfg.tp + d
     local_heads = layout.local_q_heads + layout.local_kv_heads
     activations = tokens * (
         3 * d + 2 * local_heads * layout.head_dim + 3 * layout.intermediate_size // cfg.tp
     )
-    candidates = cfg.k if cfg.architecture == "topk" else candidates_per_row(cfg.k, num_latents, cfg.k_max)
-    sae_activations = tokens * (16 * d + 12 * cfg.tp * (candidates + max(d // 2, 1)))
+    # Per target, summed over its SAEs: parameters, dead-latent counters and activations.
+    sae_params = counters = sae_activations = 0
+    for k, num_latents in cfg.sae_sizes(d):
+        if num_latents % cfg.tp:
+            raise ValueError(
+                f"{num_latents} latents cannot be split over --tp {cfg.tp}; choose a multiple of {cfg.tp}."
+            )
+        sae_params += 2 * num_latents // cfg.tp * d + num_latents // cfg.tp + d
+        counters += num_latents
+        candidates = k if cfg.architecture == "topk" else candidates_per_row(k, num_latents, cfg.k_max)
+        sae_activations += tokens * (16 * d + 12 * cfg.tp * (candidates + (cfg.k_aux or max(d // 2, 1))))
     stages = []
     for stage, layers in enumerate(stage_layers(last + 1, cfg.pp)):
         params = sum(per_layer[i] for i in layers) + (before if stage == 0 else 0)
@@ -149,7 +161,7 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
                 targets,
                 params * host_bytes,
                 activations * host_bytes,
-                n * (4 * sae_params + 8 * num_latents),
+                n * (4 * sae_params + 8 * counters),
                 n * 4 * sae_params,
                 n * 8 * sae_params,
                 n * sae_activations,
@@ -160,7 +172,8 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
 
 def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory]) -> str:
     text = config.get_text_config()
-    num_latents = cfg.num_latents or cfg.expansion_factor * text.hidden_size
+    saes = ", ".join(f"{num_latents} latents (k {k}), {num_latents // cfg.tp} per rank"
+                     for k, num_latents in cfg.sae_sizes(text.hidden_size))
 
     def gib(size: int) -> str:
         return f"{size / GiB:.2f}"
@@ -173,7 +186,7 @@ def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory])
         ),
         (
             f"tp {cfg.tp} x pp {cfg.pp}: {cfg.tp * cfg.pp} GPUs per data-parallel replica; "
-            f"SAE {num_latents} latents (k {cfg.k}), {num_latents // cfg.tp} per rank; "
+            f"SAE {saes}; "
             f"micro-batch {cfg.micro_batch_size} x {cfg.ctx_len} tokens"
         ),
         "",

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).parents[1] / "megasae"
 
 # Bottom to top. A module's layer is that of the longest name here that prefixes it.
 LAYERS = [
-    ["megasae.errors", "megasae.checks", "megasae.files", "megasae.dtypes", "megasae._C"],
+    ["megasae.errors", "megasae.checks", "megasae.files", "megasae.dtypes", "megasae.token_policy",
+     "megasae._C"],
     ["megasae.data"],
     ["megasae.ops"],
     ["megasae.collectives"],

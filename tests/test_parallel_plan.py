@@ -3,6 +3,7 @@ after sharding and against numbers computed by hand."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -14,6 +15,8 @@ from megasae.plan import PlanConfig, estimate
 
 from parallel_hosts import SMALL, TEXT_HOSTS, decoder_layers
 
+# estimate() takes the host's config itself, so the model directory is never read.
+GIVEN = Path("config-given-to-estimate")
 VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64)
 
 
@@ -29,7 +32,7 @@ def test_host_weights_equal_the_sharded_modules(tp):
     shard_model(model, None, 0, tp)  # rank 0's shapes; no forward, so no group is needed
     inner = model.model
     real = _numel([decoder_layers(model)[0], inner.language_model.embed_tokens, inner.visual])
-    cfg = PlanConfig(model=None, tp=tp, target_modules=("model.language_model.layers.0",), dtype="float32")
+    cfg = PlanConfig(model=GIVEN, tp=tp, target_modules=("model.language_model.layers.0",), dtype="float32")
     [stage] = estimate(cfg, config)
     assert stage.host_weights == 4 * real
 
@@ -43,7 +46,7 @@ def test_text_families_host_weights_equal_the_sharded_modules(family, tp):
     config = model.config
     shard_model(model, None, 0, tp)
     real = _numel([decoder_layers(model)[0], model.model.embed_tokens])
-    cfg = PlanConfig(model=None, tp=tp, target_modules=("model.layers.0",), dtype="float32")
+    cfg = PlanConfig(model=GIVEN, tp=tp, target_modules=("model.layers.0",), dtype="float32")
     [stage] = estimate(cfg, config)
     assert stage.host_weights == 4 * real
 
@@ -65,7 +68,7 @@ def test_gemma2_2b_tp2_host_weights_by_hand(tmp_path, capsys):
 def test_hand_computed_tp2_pp2():
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2)
-    cfg = PlanConfig(model=None, tp=2, pp=2, target_modules=("model.layers.2",), num_latents=256, k=4,
+    cfg = PlanConfig(model=GIVEN, tp=2, pp=2, target_modules=("model.layers.2",), num_latents=256, k=4,
                      micro_batch_size=2, ctx_len=8, dtype="float32")
     first, second = estimate(cfg, config)
     # Layers 0-2 over two stages; per rank a layer has q 32 rows, k/v 16 each, o 32 columns, MLP 64 wide:
@@ -85,6 +88,15 @@ def test_hand_computed_tp2_pp2():
     for k_max, candidates in ((None, 16), (10, 10)):
         batchtopk = dataclasses.replace(cfg, architecture="batchtopk", k_max=k_max)
         assert estimate(batchtopk, config)[1].sae_activations == 4 * 16 * (4 * 64 + 3 * 2 * (candidates + 32))
+    # --k-aux sets the AuxK encoder's candidates (half the width, 32, by default).
+    assert estimate(dataclasses.replace(cfg, k_aux=10), config)[1].sae_activations == 4 * 16 * (
+        4 * 64 + 3 * 2 * (4 + 10))
+    # A sweep's SAEs all live on the stage: 256 latents as above, and 512 (2 * 256 * 64 + 256 + 64 = 33088
+    # parameters per rank).
+    sweep = estimate(dataclasses.replace(cfg, num_latents=(256, 512)), config)[1]
+    assert sweep.sae_weights == 4 * (16576 + 33088) + 8 * (256 + 512)
+    assert sweep.sae_grads == 4 * (16576 + 33088) and sweep.optimizer == 8 * (16576 + 33088)
+    assert sweep.sae_activations == 2 * 4 * 16 * (4 * 64 + 3 * 2 * (4 + 32))
 
 
 def test_qwen25vl_7b_tp4_host_weights_by_hand(tmp_path, capsys):
@@ -118,6 +130,6 @@ def test_stages_balance_layers_and_refuse_empty_ones():
 def test_targets_outside_the_decoder_layers_are_refused():
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
     with pytest.raises(ValueError, match=r"Target layer 7 does not exist: the host has 4 decoder layers"):
-        estimate(PlanConfig(model=None, target_modules=("model.layers.7",)), config)
+        estimate(PlanConfig(model=GIVEN, target_modules=("model.layers.7",)), config)
     with pytest.raises(ValueError, match=r"Target module 'lm_head' is not inside a decoder layer"):
-        estimate(PlanConfig(model=None, target_modules=("lm_head",)), config)
+        estimate(PlanConfig(model=GIVEN, target_modules=("lm_head",)), config)

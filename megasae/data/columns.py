@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megasae.token_policy import DEFAULT_TOKEN_POLICY, Modality
+
 
 @dataclass(frozen=True)
 class DataColumns:
@@ -17,7 +19,7 @@ class DataColumns:
     """Column of chat messages (a list of {role, content})."""
     images_column: str = "images"
     """Column of encoded image bytes for chat rows."""
-    tokens: str = "all"
+    tokens: Modality = DEFAULT_TOKEN_POLICY["tokens"]
     """Positions to keep: "all", "text" (not image) or "image"."""
 
     @classmethod

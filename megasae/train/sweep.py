@@ -92,10 +92,20 @@ def is_sweep(cfg) -> bool:
     return cfg.sweep is not None or any(isinstance(getattr(cfg, name), tuple) for name in SWEPT)
 
 
+def comma_lists(cfg, names: tuple[str, ...]) -> dict[str, tuple]:
+    """The settings among `names` that `cfg` gives as comma lists, with their values."""
+    return {name: getattr(cfg, name) for name in names if isinstance(getattr(cfg, name), tuple)}
+
+
+def combinations(lists: dict[str, tuple]) -> list[dict]:
+    """Every combination of the values of `lists` (one empty mapping when there are none), in order."""
+    return [dict(zip(lists, values)) for values in itertools.product(*lists.values())]
+
+
 def sae_settings(cfg) -> list[SaeSettings]:
     """The SAEs `cfg` (a TrainConfig) trains on each target, in order; one named DEFAULT_ADAPTER unless it
     sweeps."""
-    lists = {name: getattr(cfg, name) for name in SWEPT if isinstance(getattr(cfg, name), tuple)}
+    lists = comma_lists(cfg, SWEPT)
     if cfg.sweep is not None and lists:
         raise SettingError(
             f"--sweep lists the SAEs to train; put {', '.join('--' + n.replace('_', '-') for n in lists)} in "
@@ -104,7 +114,7 @@ def sae_settings(cfg) -> list[SaeSettings]:
     if cfg.sweep is not None:
         entries = read_sweep(cfg.sweep)
     else:
-        entries = [dict(zip(lists, values)) for values in itertools.product(*lists.values())]
+        entries = combinations(lists)
     shared = {name: getattr(cfg, name) for name in SWEPT if name not in lists}
     if not is_sweep(cfg):
         return [SaeSettings(name=DEFAULT_ADAPTER, **shared)]

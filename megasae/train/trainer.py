@@ -34,10 +34,10 @@ from megasae.parallel import ParallelState, init_distributed, sum_over_ranks
 from megasae.parallel.distributed import merge_over_stages
 from megasae.parallel.host import build_host
 from megasae.parallel.pipeline import run_to_targets
-from megasae.peft import PeftSaeModel, TopKSaeConfig, get_peft_sae_model, sae_layers
-from megasae.peft.config import DEFAULT_TOKEN_POLICY
+from megasae.peft import PeftSaeModel, get_peft_sae_model, sae_layers
 from megasae.peft.control import adapter_parameters, sae_keys
 from megasae.peft.shard import full_state_dict, load_whole_sae, shard_saes, sharded_parameters
+from megasae.token_policy import DEFAULT_TOKEN_POLICY
 from megasae.train.cache import CacheConfig
 from megasae.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, saved_config
 from megasae.train.config import TrainConfig
@@ -142,14 +142,9 @@ class Trainer:
             ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size, seed=cfg.seed, columns=data_columns,
         ) if cfg.eval_every > 0 and self.par.dp_rank == 0 else None
         self.saes = cfg.saes()  # one SAE per target, or a sweep's several
-        self.sae_configs = {s.name: TopKSaeConfig(
-            k=s.k, num_latents=s.num_latents, expansion_factor=s.expansion_factor,
-            target_modules=list(cfg.target_modules), transcode=cfg.transcode, auxk_alpha=s.auxk_alpha,
-            k_aux=cfg.k_aux,
-            architecture=cfg.architecture, k_max=cfg.k_max,
-            matryoshka_prefixes=list(cfg.matryoshka_prefixes) or None,
-            dead_tokens_threshold=cfg.dead_tokens_threshold, compute_dtype=cfg.sae_compute_dtype,
-            base_model_name_or_path=self.host_name, dataset=self.data_name, ctx_len=cfg.ctx_len,
+        self.sae_configs = {s.name: cfg.peft_config(
+            s, list(cfg.target_modules), base_model_name_or_path=self.host_name, dataset=self.data_name,
+            ctx_len=cfg.ctx_len,
             token_policy={**DEFAULT_TOKEN_POLICY, "outlier_factor": cfg.outlier_factor, "tokens": cfg.tokens},
         ) for s in self.saes}
         self.host = host
