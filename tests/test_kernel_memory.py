@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from megasae import ops
+from megasae.bench.kernels import reset_peak_rss
 
 N, M, D, K = 4096, 65536, 64, 32
 DENSE_MIB = N * M * 4 / 2**20  # one N x M float32 tensor: 1024 MiB
@@ -66,17 +67,8 @@ print(json.dumps(out))
 """
 
 
-def _clear_refs_works() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(ops.backend() == "reference", reason="megasae._C is not built")
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not reset_peak_rss(),
                     reason="needs Linux VmHWM reset")
 def test_step_peak_memory_far_below_dense():
     code = SCRIPT.format(N=N, M=M, D=D, K=K, package_dir=os.path.dirname(ops.__path__[0]))

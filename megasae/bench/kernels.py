@@ -220,7 +220,8 @@ def _kib(field: str) -> int:
         return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM); False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -249,7 +250,7 @@ def peak_mib(step: Step, device: str) -> float | None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     step.zero_grad()  # what the step frees first does not count as headroom
-    if not sys.platform.startswith("linux") or not _reset_peak_rss():
+    if not sys.platform.startswith("linux") or not reset_peak_rss():
         return None
     before = _kib("VmRSS")
     step()
