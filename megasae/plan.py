@@ -172,8 +172,9 @@ def estimate(cfg: PlanConfig, config: PretrainedConfig) -> list[StageMemory]:
 
 def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory]) -> str:
     text = config.get_text_config()
-    saes = ", ".join(f"{num_latents} latents (k {k}), {num_latents // cfg.tp} per rank"
-                     for k, num_latents in cfg.sae_sizes(text.hidden_size))
+    sizes = cfg.sae_sizes(text.hidden_size)
+    saes = (("SAEs " if len(sizes) > 1 else "SAE ") + " + ".join(f"{m} latents (k {k})" for k, m in sizes)
+            + ", " + " + ".join(str(m // cfg.tp) for _, m in sizes) + " per rank")
 
     def gib(size: int) -> str:
         return f"{size / GiB:.2f}"
@@ -186,7 +187,7 @@ def render(cfg: PlanConfig, config: PretrainedConfig, stages: list[StageMemory])
         ),
         (
             f"tp {cfg.tp} x pp {cfg.pp}: {cfg.tp * cfg.pp} GPUs per data-parallel replica; "
-            f"SAE {saes}; "
+            f"{saes}; "
             f"micro-batch {cfg.micro_batch_size} x {cfg.ctx_len} tokens"
         ),
         "",

@@ -29,8 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-data", default="builtin", help="held-out data, as `megasae eval --data`")
     p.add_argument("--target", default="model.layers.15", help="target module (default model.layers.15)")
     p.add_argument("--k", type=int, default=32, help="mean L0 of every variant in training (default 32)")
-    p.add_argument("--num-latents", type=int, default=4608, help="latents (default 4608: 8 x 576)")
-    p.add_argument("--matryoshka-prefixes", type=int, nargs="+", default=[288, 1152, 4608],
+    p.add_argument("--num-latents", type=int, default=18432,
+                   help="latents (default 18432: the built-in default's 32 x 576)")
+    p.add_argument("--matryoshka-prefixes", type=int, nargs="+", default=[1152, 4608, 18432],
                    help="the Matryoshka variant's nested sizes, the last = --num-latents")
     p.add_argument("--max-tokens", type=int, default=409_600, help="training tokens (default 409,600)")
     p.add_argument("--eval-tokens", type=int, default=65_536, help="held-out tokens (default 65,536)")
