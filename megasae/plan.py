@@ -33,6 +33,8 @@ from megasae.train.config import SaeSize, TrainConfig
 from megasae.train.sweep import combinations, comma_lists
 
 GiB = 1024**3
+# The swept settings that change an SAE's size.
+SIZE_SWEPT = ("k", "num_latents", "expansion_factor")
 
 
 @dataclass
@@ -71,9 +73,6 @@ class PlanConfig(SaeSize):
             sizes.append((sae["k"], sae["num_latents"] or sae["expansion_factor"] * width))
         return sizes
 
-
-# The swept settings that change an SAE's size.
-SIZE_SWEPT = ("k", "num_latents", "expansion_factor")
 
 
 @dataclass(frozen=True)
