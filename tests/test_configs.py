@@ -15,9 +15,10 @@ def _defaults(config_type) -> dict:
 
 def test_train_plan_and_the_peft_config_share_every_default():
     peft, train, plan = _defaults(TopKSaeConfig), _defaults(TrainConfig), _defaults(PlanConfig)
-    # Matryoshka prefixes are a tuple flag (none: ()) and a list field (none: None), compared below.
+    # Matryoshka prefixes are a tuple flag (none: ()) and a list field (none: None), and train's normalisation
+    # defaults per architecture (none: the architecture's), compared below.
     shared = [f.name for f in dataclasses.fields(SaeConfig)
-              if f.name in peft and f.name != "matryoshka_prefixes"]
+              if f.name in peft and f.name not in ("matryoshka_prefixes", "normalize_activations")]
     assert {"k", "num_latents", "expansion_factor", "architecture", "k_max", "k_aux", "transcode",
             "auxk_alpha", "dead_tokens_threshold"} <= set(shared)
     for name in shared:
@@ -26,6 +27,7 @@ def test_train_plan_and_the_peft_config_share_every_default():
         assert plan[f.name] == train[f.name], f.name
     assert train["expansion_factor"] == 32  # the original project's and sparsify's (README, "TopKSaeConfig")
     assert not train["matryoshka_prefixes"] and peft["matryoshka_prefixes"] is None
+    assert train["normalize_activations"] is None and peft["normalize_activations"] == "none"
     assert train["sae_compute_dtype"] == peft["sae_dtype"]
 
 

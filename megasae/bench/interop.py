@@ -46,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def random_adapters(work: Path, seed: int) -> list[Path]:
-    """A TopK SAE, a TopK transcoder and a BatchTopK SAE (d 576, 4608 latents, k 32) saved as megasae
+    """A TopK SAE, a TopK transcoder and a BatchTopK SAE on standardised tokens (d 576, 4608 latents, k 32) saved as megasae
     adapters."""
     from megasae.formats import SaeSet, SaeWeights, adapter
     from megasae.peft import TopKSaeConfig
@@ -66,8 +66,10 @@ def random_adapters(work: Path, seed: int) -> list[Path]:
         b_enc = torch.randn(latents, generator=g) - (0 if batchtopk else 6)
         threshold = torch.tensor(6.5) if batchtopk else None
         weights = SaeWeights(W_enc, b_enc, W_dec, torch.randn(d, generator=g), threshold)
+        # BatchTopK as megasae trains it by default: on each token standardised.
         config = TopKSaeConfig(k=k, num_latents=latents, target_modules=[target], transcode=transcode,
-                               architecture=architecture)
+                               architecture=architecture,
+                               normalize_activations="layer_norm" if batchtopk else "none")
         paths.append(work / f"adapter-{name}")
         paths[-1].mkdir()
         adapter.write(SaeSet(config, {target: weights}, paths[-1], "megasae"), paths[-1])
@@ -80,6 +82,8 @@ def megasae_outputs(weights, config, x: Tensor) -> tuple[Tensor, Tensor]:
     from megasae import sae
 
     pre_bias = None if config.transcode else weights.b_dec
+    norm = sae.RowNorm.of(x) if config.normalize_activations == "layer_norm" else None
+    x = x if norm is None else norm.apply(x)
     if config.architecture == "batchtopk":
         k_max = sae.candidates_per_row(config.k, weights.num_latents, config.k_max)
         values, indices = sae.batchtopk_encode(x, weights.W_enc, weights.b_enc, pre_bias, config.k, k_max,
@@ -88,7 +92,8 @@ def megasae_outputs(weights, config, x: Tensor) -> tuple[Tensor, Tensor]:
         values, indices = sae.encode(x, weights.W_enc, weights.b_enc, pre_bias, config.k,
                                      relu=config.relu_codes)
     codes = torch.zeros(x.shape[0], weights.num_latents).scatter_(-1, indices, values)
-    return codes, sae.decode(values, indices, weights.W_dec, weights.b_dec)
+    x_hat = sae.decode(values, indices, weights.W_dec, weights.b_dec)
+    return codes, x_hat if norm is None else norm.undo(x_hat)
 
 
 def relative_max_diff(a: Tensor, b: Tensor) -> float:

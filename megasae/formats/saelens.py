@@ -8,6 +8,7 @@ x_hat = codes W_dec + b_dec. SAELens has no TopK transcoder.
 A BatchTopK SAE is SAELens's JumpReLU SAE (as SAELens itself saves its BatchTopK SAEs): architecture
 "jumprelu", one more tensor `threshold` [d_sae], codes relu(pre) where pre > threshold. megasae writes its
 single threshold for every latent (and `k`, which SAELens ignores), and reads JumpReLU SAEs of that kind.
+SAELens's `normalize_activations` "layer_norm" is megasae's setting of that name, the same formula.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from megasae.formats.saes import SaeSet, SaeWeights, check_k, load_tensors, take
-from megasae.peft.config import TopKSaeConfig
+from megasae.peft.config import NORMALIZATIONS, TopKSaeConfig
 
 CONFIG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 # SAELens's own log10 of firing frequencies adds this, so that dead latents get -10 rather than -inf.
@@ -76,7 +77,8 @@ def write(saes: SaeSet, directory: Path, frequencies: dict, base_model_prefix: s
         cfg = {
             "architecture": "topk" if sae.threshold is None else "jumprelu",
             "d_in": sae.d_in, "d_sae": sae.num_latents, "k": saes.config.k,
-            "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+            "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True,
+            "normalize_activations": saes.config.normalize_activations,
             "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
             "metadata": _metadata(saes.config, path),
         }
@@ -112,10 +114,13 @@ def read(path: Path) -> SaeSet:
     if architecture not in ("topk", "jumprelu"):
         raise ValueError(f"{config_file} has architecture {architecture!r}; megasae reads SAELens SAEs with "
                          "architecture 'topk' or 'jumprelu' (with one threshold for all latents).")
-    for key, valid in (("normalize_activations", "none"), ("reshape_activations", "none")):
-        if cfg.get(key, valid) != valid:
-            raise ValueError(f"{config_file} has {key} {cfg.get(key)!r}; megasae reads SAELens SAEs with "
-                             f"{key} {valid!r}.")
+    normalization = cfg.get("normalize_activations", "none")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{config_file} has normalize_activations {normalization!r}; megasae reads SAELens SAEs "
+                         f"with normalize_activations {' or '.join(map(repr, NORMALIZATIONS))}.")
+    if cfg.get("reshape_activations", "none") != "none":
+        raise ValueError(f"{config_file} has reshape_activations {cfg['reshape_activations']!r}; megasae reads "
+                         "SAELens SAEs with reshape_activations 'none'.")
     hook_name = metadata.get("hook_name") or cfg.get("hook_name")
     if not hook_name:
         raise ValueError(f"{config_file} names no hook_name: megasae cannot tell which module the SAE reads.")
@@ -142,7 +147,7 @@ def read(path: Path) -> SaeSet:
     config = TopKSaeConfig(
         k=cfg["k"], num_latents=d_sae, target_modules=[hook_name], base_model_name_or_path=metadata.get(
             "model_name"), architecture="topk" if threshold is None else "batchtopk",
-        token_policy=_token_policy(metadata), ctx_len=metadata.get("context_size"),
+        normalize_activations=normalization, token_policy=_token_policy(metadata), ctx_len=metadata.get("context_size"),
         dataset=metadata.get("dataset_path"),
     )
     weights = SaeWeights(W_enc.contiguous(), b_enc, W_dec, b_dec, threshold)

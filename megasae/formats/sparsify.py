@@ -43,6 +43,11 @@ def check(saes: SaeSet) -> None:
                 f"The SAE on {path!r} is a BatchTopK SAE, whose inference threshold sparsify's TopK "
                 "SparseCoder cannot express; export it to SAELens (a JumpReLU SAE) instead."
             )
+        if saes.config.normalize_activations != "none":
+            raise ValueError(
+                f"The SAE on {path!r} reads each token standardised ({saes.config.normalize_activations}), "
+                "which sparsify's SparseCoder cannot express; export it to SAELens instead."
+            )
         if sae.d_in != sae.d_out:
             raise ValueError(
                 f"The transcoder on {path!r} reads width {sae.d_in} and writes width {sae.d_out}; sparsify's "

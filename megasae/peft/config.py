@@ -18,6 +18,10 @@ DEFAULT_ADAPTER = "default"  # peft's name for an adapter nobody named; saved in
 # inference keeps the latents above a threshold learnt in training).
 Architecture = Literal["topk", "batchtopk"]
 ARCHITECTURES = get_args(Architecture)
+# What the SAE reads: the activations as they are, or each token standardised (SAELens's "layer_norm": the
+# SAE works on (x - mean) / std per token and scales its reconstruction back).
+Normalization = Literal["none", "layer_norm"]
+NORMALIZATIONS = get_args(Normalization)
 
 def check_prefixes(prefixes, num_latents: int | None, error: type[Exception],
                    name: str = "matryoshka_prefixes") -> None:
@@ -57,6 +61,9 @@ class TopKSaeConfig(PeftConfig):
             pre > a learnt threshold at inference: megasae.sae.batchtopk).
         k_max: BatchTopK's candidate latents per token; None means min(4 k, num_latents). Widened when a
             batch keeps all of a token's candidates.
+        normalize_activations: "none", or "layer_norm": the SAE reads each token standardised, (x - mean) /
+            (std + 1e-5) over its width, and scales its reconstruction back by std and mean (SAELens's
+            layer_norm), so that a token's codes and its share of the loss do not grow with its norm.
         matryoshka_prefixes: Nested dictionary sizes m_1 < ... < num_latents: the loss is the weighted sum
             of the FVUs of the reconstructions from latents < m_i (Matryoshka SAE); None trains one size.
         matryoshka_weights: One weight per prefix; None means equal weights. They are normalised to sum to 1.
@@ -113,6 +120,9 @@ class TopKSaeConfig(PeftConfig):
     k_max: Optional[int] = field(
         default=None, metadata={"help": "BatchTopK candidates per token; None means min(4 k, num_latents)."}
     )
+    normalize_activations: Normalization = field(
+        default="none", metadata={"help": "none, or layer_norm: the SAE reads each token standardised."}
+    )
     matryoshka_prefixes: Optional[list[int]] = field(
         default=None, metadata={"help": "Nested dictionary sizes, increasing, the last = num_latents."}
     )
@@ -167,6 +177,9 @@ class TopKSaeConfig(PeftConfig):
             raise ValueError("A batchtopk SAE selects the codes after ReLU, so relu_codes must be True.")
         if self.k_max is not None and not (isinstance(self.k_max, int) and self.k_max >= self.k):
             raise ValueError(f"k_max must be None or an integer of at least k ({self.k}), got {self.k_max}.")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations must be one of {list(NORMALIZATIONS)}, got "
+                             f"{self.normalize_activations!r}.")
         check_prefixes(self.matryoshka_prefixes, self.num_latents or None, ValueError)
         if self.matryoshka_weights is not None and (
             self.matryoshka_prefixes is None or len(self.matryoshka_weights) != len(self.matryoshka_prefixes)

@@ -11,6 +11,7 @@ A capture session (`megasae.capture`) always captures. In either mode a forward 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -86,6 +87,7 @@ class SaeSpec:
     transcode: bool
     compute_dtype: torch.dtype
     relu: bool
+    layer_norm: bool = False  # the SAE reads each token standardised (sae.RowNorm)
     architecture: str = "topk"
     k_max: int = 0  # BatchTopK's candidates per token
     prefixes: tuple[int, ...] = ()  # Matryoshka prefix sizes, the last one all latents; () for one size
@@ -226,6 +228,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
             transcode=config.transcode,
             compute_dtype=config.torch_compute_dtype,
             relu=config.relu_codes,
+            layer_norm=config.normalize_activations == "layer_norm",
             architecture=config.architecture,
             k_max=sae.candidates_per_row(config.k, num_latents, config.k_max),
             prefixes=tuple(config.matryoshka_prefixes or ()),
@@ -282,7 +285,7 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         transcode = transcode.pop()
         sae_in = module_input(self.module_path, args, kwargs) if transcode else hidden
         if self._splicing():
-            x_hat = self._reconstruct(adapters[0], sae_in).to(hidden.dtype)
+            x_hat = self._splice(adapters[0], sae_in).to(hidden.dtype)
             if self.hidden_record is not None:
                 self._record_hidden(sae_in, x_hat)
             return (x_hat, *result[1:]) if isinstance(result, tuple) else x_hat
@@ -339,12 +342,23 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         )
         return W_enc, b_enc, W_dec, b_dec, None if self.sae_spec[adapter].transcode else b_dec
 
-    def _reconstruct(self, adapter: str, sae_in: Tensor) -> Tensor:
-        W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
-        rows = sae_in.flatten(0, -2).to(W_enc.dtype)
-        values, indices = self._encode(adapter, rows, W_enc, b_enc, pre_bias)
-        x_hat = sae.decode(values, indices, W_dec, b_dec, self.latent_group)
+    def _splice(self, adapter: str, sae_in: Tensor) -> Tensor:
+        """The SAE's reconstruction of what the module produced, from what it reads."""
+        rows = sae_in.flatten(0, -2).to(self.sae_spec[adapter].compute_dtype)
+        norm = self._row_norm(adapter, rows)
+        x_hat = self._reconstruct(adapter, rows if norm is None else norm.apply(rows))
+        x_hat = x_hat if norm is None else norm.undo(x_hat)
         return x_hat.reshape(*sae_in.shape[:-1], self.d_out)
+
+    def _row_norm(self, adapter: str, rows: Tensor) -> sae.RowNorm | None:
+        """The rows' standardisation, for an SAE that reads them standardised."""
+        return sae.RowNorm.of(rows) if self.sae_spec[adapter].layer_norm else None
+
+    def _reconstruct(self, adapter: str, rows: Tensor) -> Tensor:
+        """The reconstruction of `rows` as the SAE reads them (standardised, if it does)."""
+        W_enc, b_enc, W_dec, b_dec, pre_bias = self._weights(adapter)
+        values, indices = self._encode(adapter, rows, W_enc, b_enc, pre_bias)
+        return sae.decode(values, indices, W_dec, b_dec, self.latent_group)
 
     def _encode(self, adapter: str, rows: Tensor, W_enc: Tensor, b_enc: Tensor,
                 pre_bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -382,6 +396,11 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
         group = session.group if session is not None else None
         dtype = self.sae_spec[adapter].compute_dtype
         x, target = x.to(dtype), target.to(dtype)
+        # The SAE trains on what it reads: standardised rows, if it reads them so (a transcoder's target
+        # by its input's statistics, which are all it has at inference). Its output is in the host's units.
+        read, wanted, norm = x, target, self._row_norm(adapter, x)
+        if norm is not None:
+            x, target = norm.apply(x), norm.apply(target)
         if self.training and self.sae_needs_init[adapter]:
             mean, count = sae.mean_and_count(target, group)
             if count > 0:
@@ -390,6 +409,10 @@ class TopKSaeLayer(nn.Module, BaseTunerLayer):
                     self._fit_encoder_scale(adapter, x, group)
                 self.sae_needs_init[adapter] = False
         output = self._losses(adapter, x, target, group)
+        if norm is not None:
+            output = dataclasses.replace(
+                output, x=read, target=wanted, x_hat=norm.undo(output.x_hat),
+                prefix_x_hat={m: norm.undo(rows) for m, rows in output.prefix_x_hat.items()})
         output.kept = keep
         if self.training:
             sae.update_dead_counters(

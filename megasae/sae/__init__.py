@@ -2,6 +2,7 @@
 
 from megasae.sae.batchtopk import batchtopk_encode, candidates_per_row, update_threshold_
 from megasae.sae.functional import (
+    RowNorm,
     SaeOutput,
     auxk_loss,
     decode,
@@ -18,6 +19,7 @@ from megasae.sae.functional import (
 )
 
 __all__ = [
+    "RowNorm",
     "SaeOutput",
     "auxk_loss",
     "batchtopk_encode",

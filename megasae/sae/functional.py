@@ -58,6 +58,31 @@ class SaeOutput:
         return (self.values != 0).sum(-1, dtype=torch.float32).mean()
 
 
+# SAELens's "layer_norm" normalisation of an SAE's input, to the letter so that exports agree: each row is
+# read as (x - mean) / (std + eps), std the unbiased one, and the reconstruction scaled back by std and mean.
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """Each row's mean and standard deviation: the SAE works on standardised rows, so that a token's codes
+    and its share of the loss do not grow with its norm (Bussmann et al.'s BatchTopK SAEs train so)."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor) -> RowNorm:
+        mean = rows.mean(-1, keepdim=True)
+        return cls(mean, (rows - mean).std(-1, keepdim=True))
+
+    def apply(self, rows: Tensor) -> Tensor:
+        return (rows - self.mean) / (self.std + LAYER_NORM_EPS)
+
+    def undo(self, rows: Tensor) -> Tensor:
+        return rows * self.std + self.mean
+
+
 def init_weights(
     d_in: int,
     d_out: int,

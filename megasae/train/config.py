@@ -15,7 +15,7 @@ from megasae.data import DataColumns
 from megasae.dtypes import Dtype
 from megasae.errors import SettingError
 from megasae.parallel.distributed import Device
-from megasae.peft.config import Architecture, TopKSaeConfig, check_prefixes
+from megasae.peft.config import Architecture, Normalization, TopKSaeConfig, check_prefixes
 from megasae.token_policy import DEFAULT_TOKEN_POLICY, Modality
 from megasae.train.sweep import (
     SaeSettings,
@@ -71,6 +71,11 @@ class SaeConfig(SaeSize):
     matryoshka_prefixes: tuple[int, ...] = ()
     """Nested dictionary sizes, increasing, the last one the number of latents: train each prefix of the
     dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
+    normalize_activations: Normalization | None = None
+    """layer_norm: the SAEs read each token standardised, (x - mean) / std, and scale their reconstruction
+    back, so that a token's codes do not grow with its norm (SAELens's layer_norm; sparsify cannot load such
+    SAEs); none means layer_norm for batchtopk, whose batch selection rare high-norm tokens otherwise take
+    over, and none for topk."""
     auxk_alpha: SweptFloat = TopKSaeConfig.auxk_alpha
     """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
     dead_tokens_threshold: int = TopKSaeConfig.dead_tokens_threshold
@@ -89,6 +94,13 @@ class SaeConfig(SaeSize):
         check_prefixes(self.matryoshka_prefixes or None, num_latents or None, SettingError,
                        "--matryoshka-prefixes")
 
+    @property
+    def sae_normalization(self) -> Normalization:
+        """normalize_activations as set, or the architecture's default."""
+        if self.normalize_activations is not None:
+            return self.normalize_activations
+        return "layer_norm" if self.architecture == "batchtopk" else "none"
+
     def peft_config(self, sae: SaeSettings, target_modules: list[str], **recorded) -> TopKSaeConfig:
         """The PEFT config of `sae` (this run's SAE, or one of its sweep) on `target_modules`; `recorded`
         sets the fields that say how it was trained (dataset, ctx_len, token_policy...)."""
@@ -96,6 +108,7 @@ class SaeConfig(SaeSize):
             k=sae.k, num_latents=sae.num_latents, expansion_factor=sae.expansion_factor,
             auxk_alpha=sae.auxk_alpha, target_modules=target_modules, transcode=self.transcode,
             architecture=self.architecture, k_max=self.k_max, k_aux=self.k_aux,
+            normalize_activations=self.sae_normalization,
             matryoshka_prefixes=list(self.matryoshka_prefixes) or None,
             dead_tokens_threshold=self.dead_tokens_threshold, compute_dtype=self.sae_compute_dtype,
             **recorded,
