@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from torch import nn
 
 from megasae import PeftSaeModel, TopKSaeConfig, formats, get_peft_sae_model
@@ -148,7 +147,8 @@ def test_a_tokens_codes_do_not_grow_with_its_norm(normalization, same):
     fired = (outputs["down"].values > 0).sum(-1)
     assert torch.equal(fired[:4], fired[4:]) == same
     if same:
-        torch.testing.assert_close(outputs["down"].values[:4], outputs["down"].values[4:], rtol=1e-4, atol=1e-5)
+        values = outputs["down"].values
+        torch.testing.assert_close(values[:4], values[4:], rtol=1e-4, atol=1e-5)
 
 
 def test_saved_reloaded_and_exported_to_saelens_with_the_setting(tmp_path):

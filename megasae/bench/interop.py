@@ -46,8 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def random_adapters(work: Path, seed: int) -> list[Path]:
-    """A TopK SAE, a TopK transcoder and a BatchTopK SAE on standardised tokens (d 576, 4608 latents, k 32) saved as megasae
-    adapters."""
+    """A TopK SAE, a TopK transcoder and a BatchTopK SAE on standardised tokens (d 576, 4608 latents, k 32)
+    saved as megasae adapters."""
     from megasae.formats import SaeSet, SaeWeights, adapter
     from megasae.peft import TopKSaeConfig
 

@@ -116,11 +116,11 @@ def read(path: Path) -> SaeSet:
                          "architecture 'topk' or 'jumprelu' (with one threshold for all latents).")
     normalization = cfg.get("normalize_activations", "none")
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"{config_file} has normalize_activations {normalization!r}; megasae reads SAELens SAEs "
-                         f"with normalize_activations {' or '.join(map(repr, NORMALIZATIONS))}.")
+        raise ValueError(f"{config_file} has normalize_activations {normalization!r}; megasae reads SAELens "
+                         f"SAEs with normalize_activations {' or '.join(map(repr, NORMALIZATIONS))}.")
     if cfg.get("reshape_activations", "none") != "none":
-        raise ValueError(f"{config_file} has reshape_activations {cfg['reshape_activations']!r}; megasae reads "
-                         "SAELens SAEs with reshape_activations 'none'.")
+        raise ValueError(f"{config_file} has reshape_activations {cfg['reshape_activations']!r}; megasae "
+                         "reads SAELens SAEs with reshape_activations 'none'.")
     hook_name = metadata.get("hook_name") or cfg.get("hook_name")
     if not hook_name:
         raise ValueError(f"{config_file} names no hook_name: megasae cannot tell which module the SAE reads.")
@@ -147,8 +147,8 @@ def read(path: Path) -> SaeSet:
     config = TopKSaeConfig(
         k=cfg["k"], num_latents=d_sae, target_modules=[hook_name], base_model_name_or_path=metadata.get(
             "model_name"), architecture="topk" if threshold is None else "batchtopk",
-        normalize_activations=normalization, token_policy=_token_policy(metadata), ctx_len=metadata.get("context_size"),
-        dataset=metadata.get("dataset_path"),
+        normalize_activations=normalization, token_policy=_token_policy(metadata),
+        ctx_len=metadata.get("context_size"), dataset=metadata.get("dataset_path"),
     )
     weights = SaeWeights(W_enc.contiguous(), b_enc, W_dec, b_dec, threshold)
     return SaeSet(config, {hook_name: weights}, path, "saelens")
