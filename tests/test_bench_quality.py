@@ -20,6 +20,8 @@ def test_every_variant_trains_on_the_same_tokens_and_is_evaluated(host_dir, text
     for variant in VARIANTS:
         config = TopKSaeConfig.from_pretrained(str(runs / variant))
         assert config.architecture == ("topk" if variant == "topk" else "batchtopk")
+        # each architecture's own default: BatchTopK reads standardised tokens
+        assert config.normalize_activations == ("none" if variant == "topk" else "layer_norm")
         assert 0 < results[variant]["fvu"] and results[variant]["tokens"] == results["topk"]["tokens"]
 
     def trained_tokens(variant):
@@ -30,3 +32,14 @@ def test_every_variant_trains_on_the_same_tokens_and_is_evaluated(host_dir, text
     assert list(prefixes) == ["16", "64"] and prefixes["64"] == results["matryoshka-batchtopk"]["fvu"]
     assert results["topk"]["prefix_fvu"] == {}
     assert "matryoshka-batchtopk" in capsys.readouterr().out
+
+
+def test_one_normalisation_for_every_variant(host_dir, text_data, tmp_path):
+    runs = tmp_path / "runs"
+    main(["--model", str(host_dir), "--data", str(text_data), "--eval-data", str(text_data),
+          "--target", "model.layers.1", "--k", "4", "--num-latents", "64", "--max-tokens", "128",
+          "--eval-tokens", "64", "--ctx-len", "16", "--micro-batch-size", "4", "--batch-tokens", "64",
+          "--device", "cpu", "--variants", "topk", "batchtopk", "--normalize-activations", "layer_norm",
+          "--output-dir", str(runs)])
+    for variant in ("topk", "batchtopk"):
+        assert TopKSaeConfig.from_pretrained(str(runs / variant)).normalize_activations == "layer_norm"

@@ -27,7 +27,7 @@ def test_train_plan_and_the_peft_config_share_every_default():
         assert plan[f.name] == train[f.name], f.name
     assert train["expansion_factor"] == 32  # the original project's and sparsify's (README, "TopKSaeConfig")
     assert not train["matryoshka_prefixes"] and peft["matryoshka_prefixes"] is None
-    assert train["normalize_activations"] is None and peft["normalize_activations"] == "none"
+    assert train["normalize_activations"] == "auto" and peft["normalize_activations"] == "none"
     assert train["sae_compute_dtype"] == peft["sae_dtype"]
 
 

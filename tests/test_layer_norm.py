@@ -199,7 +199,7 @@ def test_an_adapter_saved_before_the_setting_reads_its_tokens_as_they_are(tmp_pa
 
 
 @pytest.mark.parametrize("architecture, setting, resolved", [
-    ("batchtopk", None, "layer_norm"), ("topk", None, "none"),
+    ("batchtopk", "auto", "layer_norm"), ("topk", "auto", "none"),
     ("batchtopk", "none", "none"), ("topk", "layer_norm", "layer_norm"),
 ])
 def test_train_defaults_it_per_architecture(architecture, setting, resolved):

@@ -64,7 +64,7 @@ def random_adapters(work: Path, seed: int) -> list[Path]:
         # ReLU-then-top-k may treat differently); BatchTopK's threshold keeps some tens a token.
         batchtopk = architecture == "batchtopk"
         b_enc = torch.randn(latents, generator=g) - (0 if batchtopk else 6)
-        threshold = torch.tensor(6.5) if batchtopk else None
+        threshold = torch.tensor(4.5) if batchtopk else None
         weights = SaeWeights(W_enc, b_enc, W_dec, torch.randn(d, generator=g), threshold)
         # BatchTopK as megasae trains it by default: on each token standardised.
         config = TopKSaeConfig(k=k, num_latents=latents, target_modules=[target], transcode=transcode,

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from megasae.bench.output import report
+from megasae.peft.config import NORMALIZATIONS
 from megasae.token_policy import DEFAULT_TOKEN_POLICY
 
 VARIANTS = ("topk", "batchtopk", "matryoshka-batchtopk")
@@ -43,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outlier-factor", type=float, default=DEFAULT_TOKEN_POLICY["outlier_factor"],
                    help="every variant's outlier filter in training and so in eval, as `megasae train "
                    "--outlier-factor` (default 10)")
+    p.add_argument("--normalize-activations", choices=("auto", *NORMALIZATIONS), default="auto",
+                   help="every variant's, as `megasae train --normalize-activations` (default: each "
+                   "architecture's own, layer_norm for BatchTopK and none for TopK)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--output-dir", type=Path, default=Path("runs/bench-quality"),
@@ -60,6 +64,7 @@ def train_config(args: argparse.Namespace, variant: str):
         architecture="topk" if variant == "topk" else "batchtopk", matryoshka_prefixes=prefixes,
         num_latents=args.num_latents, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
         micro_batch_size=args.micro_batch_size, outlier_factor=args.outlier_factor,
+        normalize_activations=args.normalize_activations,
         ctx_len=args.ctx_len, seed=args.seed, device=args.device, wandb_mode="disabled",
         output_dir=args.output_dir / variant, overwrite=True,
     )

@@ -71,11 +71,11 @@ class SaeConfig(SaeSize):
     matryoshka_prefixes: tuple[int, ...] = ()
     """Nested dictionary sizes, increasing, the last one the number of latents: train each prefix of the
     dictionary to reconstruct on its own (Matryoshka SAE, equal weights); none trains one size."""
-    normalize_activations: Normalization | None = None
+    normalize_activations: Normalization | Literal["auto"] = "auto"
     """layer_norm: the SAEs read each token standardised, (x - mean) / std, and scale their reconstruction
     back, so that a token's codes do not grow with its norm (SAELens's layer_norm; sparsify cannot load such
-    SAEs); none means layer_norm for batchtopk, whose batch selection rare high-norm tokens otherwise take
-    over, and none for topk."""
+    SAEs); none: as they are; auto: layer_norm for batchtopk, whose batch selection rare high-norm tokens
+    otherwise take over, none for topk."""
     auxk_alpha: SweptFloat = TopKSaeConfig.auxk_alpha
     """Weight of the AuxK loss that revives dead latents; 0 turns it off (sweeps)."""
     dead_tokens_threshold: int = TopKSaeConfig.dead_tokens_threshold
@@ -97,7 +97,7 @@ class SaeConfig(SaeSize):
     @property
     def sae_normalization(self) -> Normalization:
         """normalize_activations as set, or the architecture's default."""
-        if self.normalize_activations is not None:
+        if self.normalize_activations != "auto":
             return self.normalize_activations
         return "layer_norm" if self.architecture == "batchtopk" else "none"
 
