@@ -12,6 +12,7 @@ from torch import nn
 
 from megasae import PeftSaeModel, TopKSaeConfig, formats, get_peft_sae_model
 from megasae.errors import SettingError
+from megasae.sae import RowNorm
 from megasae.train import TrainConfig
 
 from helpers import TwoLayerMLP
@@ -213,3 +214,12 @@ def test_bad_settings_are_one_sentence():
         TopKSaeConfig(k=3, target_modules=["down"], normalize_activations="rms")
     with pytest.raises(SettingError, match="--normalize-activations must be one of"):
         TrainConfig(normalize_activations="rms")
+
+
+def test_bfloat16_rows_are_standardised_with_float32_statistics():
+    rows = (1000 + torch.randn(4, 64, generator=torch.Generator().manual_seed(0))).bfloat16()
+    norm = RowNorm.of(rows)
+    want, mean, std = standardise(rows.double())
+    assert norm.apply(rows).dtype == torch.bfloat16
+    torch.testing.assert_close(norm.apply(rows).double(), want, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(norm.undo(norm.apply(rows)).double(), rows.double(), rtol=0.01, atol=0)

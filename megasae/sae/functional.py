@@ -73,14 +73,16 @@ class RowNorm:
 
     @classmethod
     def of(cls, rows: Tensor) -> RowNorm:
+        """The statistics in float32 at least: a bf16 mean would lose what a row varies by around it."""
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
         mean = rows.mean(-1, keepdim=True)
         return cls(mean, (rows - mean).std(-1, keepdim=True))
 
     def apply(self, rows: Tensor) -> Tensor:
-        return (rows - self.mean) / (self.std + LAYER_NORM_EPS)
+        return ((rows - self.mean) / (self.std + LAYER_NORM_EPS)).to(rows.dtype)
 
     def undo(self, rows: Tensor) -> Tensor:
-        return rows * self.std + self.mean
+        return (rows * self.std + self.mean).to(rows.dtype)
 
 
 def init_weights(
