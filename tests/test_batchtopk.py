@@ -228,8 +228,9 @@ def test_a_batchtopk_sae_that_never_trained_refuses_to_splice():
 
 
 def two_steps(x, mask, group=None):
-    """Two capture steps of a Matryoshka BatchTopK SAE (b_dec init, dead counters, AuxK, the threshold)."""
-    model = _model(group, matryoshka_prefixes=[6, 12, 24])
+    """Two capture steps of a Matryoshka BatchTopK SAE on standardised rows, as megasae train's default (b_dec
+    init, dead counters, AuxK, the threshold)."""
+    model = _model(group, matryoshka_prefixes=[6, 12, 24], normalize_activations="layer_norm")
     layer = _layer(model)
     result = capture_steps(model, layer, x, mask, ("fvu", "auxk", "loss", "x_hat"))
     result["threshold"] = layer.sae_threshold["default"].clone()
