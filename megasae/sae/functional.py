@@ -26,7 +26,9 @@ class SaeOutput:
     """What one SAE did on one forward: the rows it read, its reconstruction and its losses.
 
     `x` and `target` hold only the tokens the token mask kept (`num_tokens` rows);
-    for a plain SAE they are the same tensor, for a transcoder `target` is the module's output.
+    for a plain SAE they are the same tensor, for a transcoder `target` is the module's output. They and
+    `x_hat` are in the host's units; the losses are of the rows as the SAE reads them (standardised ones
+    for an SAE with normalize_activations "layer_norm").
     """
 
     x: Tensor
