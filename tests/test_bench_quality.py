@@ -34,12 +34,13 @@ def test_every_variant_trains_on_the_same_tokens_and_is_evaluated(host_dir, text
     assert "matryoshka-batchtopk" in capsys.readouterr().out
 
 
-def test_one_normalisation_for_every_variant(host_dir, text_data, tmp_path):
+def test_one_normalisation_and_data_order_for_every_variant(host_dir, text_data, tmp_path):
     runs = tmp_path / "runs"
     main(["--model", str(host_dir), "--data", str(text_data), "--eval-data", str(text_data),
           "--target", "model.layers.1", "--k", "4", "--num-latents", "64", "--max-tokens", "128",
           "--eval-tokens", "64", "--ctx-len", "16", "--micro-batch-size", "4", "--batch-tokens", "64",
           "--device", "cpu", "--variants", "topk", "batchtopk", "--normalize-activations", "layer_norm",
-          "--output-dir", str(runs)])
+          "--shuffle-sequences", "3", "--output-dir", str(runs)])
     for variant in ("topk", "batchtopk"):
         assert TopKSaeConfig.from_pretrained(str(runs / variant)).normalize_activations == "layer_norm"
+        assert json.loads((runs / variant / "config.json").read_text())["shuffle_sequences"] == 3

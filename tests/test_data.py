@@ -183,6 +183,45 @@ def test_a_state_saved_on_one_rank_continues_on_two(tokenizer, text_dir):
     assert torch.equal(torch.cat([next(r).inputs["input_ids"] for r in ranks]), whole)
 
 
+def test_shuffled_windows_hold_the_streams_sequences_in_another_order(tokenizer, text_dir):
+    """Each window of 5 sequences is the next 5 of the stream's own order, permuted; batches of 2 cross
+    the windows' edges."""
+    def windows(seed, count):
+        shuffled = stream(text_dir, tokenizer, batch_size=2, shuffle_sequences=5, seed=seed)
+        drawn = torch.cat([next(shuffled).inputs["input_ids"] for _ in range(count * 5 // 2)])
+        return [drawn[5 * w : 5 * w + 5].tolist() for w in range(count)]
+
+    plain = stream(text_dir, tokenizer, batch_size=5)
+    ours = windows(seed=0, count=8)  # 40 sequences: the windows run over an epoch's end
+    in_order = [next(plain).inputs["input_ids"].tolist() for _ in ours]
+    assert [sorted(w) for w in ours] == [sorted(w) for w in in_order]
+    assert sum(w != o for w, o in zip(ours, in_order)) >= 6, "nearly every window's order changes"
+    assert ours == windows(seed=0, count=8)
+    other_seed = stream(text_dir, tokenizer, batch_size=5, seed=1)
+    assert [sorted(w) for w in windows(seed=1, count=2)] == [
+        sorted(next(other_seed).inputs["input_ids"].tolist()) for _ in range(2)]
+
+
+def test_resume_inside_a_shuffled_window(tokenizer, text_dir):
+    # Windows of 7 sequences, 2 a global batch: resumes mid-window, then crosses windows and an epoch.
+    check_resume(lambda: stream(text_dir, tokenizer, rank=1, world_size=2, batch_size=1, shuffle_sequences=7),
+                 taken=10, then=20)
+    check_resume(lambda: stream("builtin", tokenizer, ctx_len=64, shuffle_sequences=3), taken=2, then=3)
+
+
+def test_ranks_share_every_shuffled_batch(tokenizer, text_dir):
+    make = lambda **kw: stream(text_dir, tokenizer, **{"shuffle_sequences": 5} | kw)  # noqa: E731
+    share_of_one_stream(make, 2, batches=12)
+
+
+def test_a_state_saved_before_shuffling_resumes_only_unshuffled(tokenizer, text_dir):
+    old = stream(text_dir, tokenizer).state_dict()
+    del old["shuffle_sequences"]
+    stream(text_dir, tokenizer).load_state_dict(old)
+    with pytest.raises(ValueError, match="with shuffle_sequences=1, but this stream has shuffle_sequences=4"):
+        stream(text_dir, tokenizer, shuffle_sequences=4).load_state_dict(old)
+
+
 def test_resume_chat(processor, chat_file):
     check_resume(lambda: stream(chat_file, processor, ctx_len=64, batch_size=3), taken=1, then=3)
 
@@ -319,6 +358,8 @@ def test_bad_arguments(tokenizer, text_dir, chat_file):
         stream(chat_file, tokenizer, columns=DataColumns(tokens="image"))
     with pytest.raises(ValueError, match="rank must be in"):
         stream(text_dir, tokenizer, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="shuffle_sequences must be an integer >= 1, got 0"):
+        stream(text_dir, tokenizer, shuffle_sequences=0)
 
 
 def test_image_tokens_of_plain_text(processor, text_dir):

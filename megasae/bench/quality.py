@@ -47,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--normalize-activations", choices=("auto", *NORMALIZATIONS), default="auto",
                    help="every variant's, as `megasae train --normalize-activations` (default: each "
                    "architecture's own, layer_norm for BatchTopK and none for TopK)")
+    p.add_argument("--shuffle-sequences", type=int, default=None,
+                   help="as `megasae train --shuffle-sequences` (default: its own)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--output-dir", type=Path, default=Path("runs/bench-quality"),
@@ -59,6 +61,7 @@ def train_config(args: argparse.Namespace, variant: str):
     from megasae.train import TrainConfig
 
     prefixes = tuple(args.matryoshka_prefixes) if variant.startswith("matryoshka") else ()
+    shuffle = {} if args.shuffle_sequences is None else {"shuffle_sequences": args.shuffle_sequences}
     return TrainConfig(
         model=args.model, data=args.data, target_modules=(args.target,), k=args.k,
         architecture="topk" if variant == "topk" else "batchtopk", matryoshka_prefixes=prefixes,
@@ -66,7 +69,7 @@ def train_config(args: argparse.Namespace, variant: str):
         micro_batch_size=args.micro_batch_size, outlier_factor=args.outlier_factor,
         normalize_activations=args.normalize_activations,
         ctx_len=args.ctx_len, seed=args.seed, device=args.device, wandb_mode="disabled",
-        output_dir=args.output_dir / variant, overwrite=True,
+        output_dir=args.output_dir / variant, overwrite=True, **shuffle,
     )
 
 

@@ -2,9 +2,10 @@
 
 The ranks read one sequence stream: each global micro-batch is the next world_size x batch_size sequences,
 of which rank r takes the r-th batch_size. So the data order, and every optimizer step's tokens, do not
-depend on the number of ranks (nor on the micro-batch size), and a run may resume on another number of
-them. Each rank tokenizes every document to find the sequence boundaries, which costs little next to the
-host's forward; chat rows' images are processed only by the rank that takes them.
+depend on the number of ranks (nor on the micro-batch size; packed text is shuffled in windows of
+sequences), and a run may resume on another number of them. Each rank tokenizes every document to find
+the sequence boundaries, which costs little next to the host's forward; chat rows' images are processed
+only by the rank that takes them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megasae.data.chat import ChatEncoder, collate
@@ -81,7 +83,13 @@ class BatchStream:
 class PackedTextStream(BatchStream):
     """Documents packed into full ctx_len sequences, an EOS after each document (the stream pack_tokens
     builds); no padding. A document is text to tokenize or, from a token-id column, its ids as they are:
-    so token rows that hold the text path's own tokens give the very same batches."""
+    so token rows that hold the text path's own tokens give the very same batches.
+
+    With ``shuffle_sequences`` > 1 the sequences are read ahead in windows of that many and drawn from each
+    in a permutation seeded by (seed, window index), so one batch's sequences come from all over the window
+    rather than from one long document. A state then names the window being drawn from (where its reading
+    started, and how many were drawn), which a resumed stream reads again: still nothing is replayed.
+    """
 
     def __init__(
         self,
@@ -94,9 +102,12 @@ class PackedTextStream(BatchStream):
         ctx_len: int,
         column: str | None,
         pretokenized: bool = False,
+        shuffle_sequences: int = 1,
+        seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ):
+        identity = {**identity, "shuffle_sequences": shuffle_sequences}
         super().__init__(source, name, masker, batch_size, identity, rank, world_size)
         self._column = column  # a row's text or token-id column; None when the items are the texts
         if tokenizer.eos_token_id is None:
@@ -106,6 +117,12 @@ class PackedTextStream(BatchStream):
         self._tokenizer, self._eos_id, self._ctx_len = tokenizer, tokenizer.eos_token_id, ctx_len
         self._pretokenized, self._vocab_size = pretokenized, len(tokenizer)
         self._carry: list[int] = []  # tokens read but not yet batched
+        self._shuffle, self._seed = shuffle_sequences, seed
+        # Shuffled: the window of sequences read ahead, in the order they are drawn; how many of
+        # them have been drawn; and the window's index and the point its reading started from (its state).
+        self._window: torch.Tensor | None = None
+        self._drawn = 0
+        self._window_start: dict | None = None
 
     def _ids(self, item, where: str) -> list[int]:
         doc = item if self._column is None else item[self._column]
@@ -120,8 +137,9 @@ class PackedTextStream(BatchStream):
             )
         return ids
 
-    def __next__(self) -> Batch:
-        need, idle = self._world_size * self.batch_size * self._ctx_len, 0
+    def _read(self, count: int) -> torch.Tensor:
+        """The next ``count`` sequences of the packed stream, [count, ctx_len]."""
+        need, idle = count * self._ctx_len, 0
         while len(self._carry) < need:
             ids = self._ids(*self._pull())
             full = len(self._carry) // self._ctx_len
@@ -129,18 +147,51 @@ class PackedTextStream(BatchStream):
                 self._carry += ids + [self._eos_id]
             idle = 0 if len(self._carry) // self._ctx_len > full else idle + 1
             self._check_progress(idle, f"{self._ctx_len}-token sequence")
-        input_ids = torch.tensor(self._carry[:need], dtype=torch.long).view(-1, self._ctx_len)[self._mine]
+        sequences = torch.tensor(self._carry[:need], dtype=torch.long).view(count, self._ctx_len)
         del self._carry[:need]
+        return sequences
+
+    def _read_window(self, index: int) -> None:
+        """Read window ``index``: the next shuffle_sequences sequences, permuted as (seed, index) seeds."""
+        self._window_start = {"index": index, "position": list(self._position), "carry": list(self._carry)}
+        window = self._read(self._shuffle)
+        order = np.random.default_rng([self._seed, index]).permutation(self._shuffle)
+        self._window, self._drawn = window[torch.from_numpy(order)], 0
+
+    def _draw(self, count: int) -> torch.Tensor:
+        """The next ``count`` sequences in the shuffled order, which runs through window after window."""
+        parts = []
+        while count > 0:
+            if self._window is None or self._drawn == len(self._window):
+                self._read_window(0 if self._window_start is None else self._window_start["index"] + 1)
+            take = min(count, len(self._window) - self._drawn)
+            parts.append(self._window[self._drawn : self._drawn + take])
+            self._drawn, count = self._drawn + take, count - take
+        return torch.cat(parts)
+
+    def __next__(self) -> Batch:
+        count = self._world_size * self.batch_size
+        sequences = self._read(count) if self._shuffle == 1 else self._draw(count)
+        input_ids = sequences[self._mine]
         attention_mask = torch.ones_like(input_ids)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         return Batch(inputs, self._masker(input_ids, attention_mask), input_ids.numel())
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "carry": list(self._carry)}
+        state = {**super().state_dict(), "carry": list(self._carry)}
+        if self._window_start is not None:  # a shuffled stream continues inside the window it is reading
+            state["window"] = {**self._window_start, "drawn": self._drawn}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict({"shuffle_sequences": 1, **state})  # states saved before shuffling existed
         self._carry = list(state["carry"])
+        self._window = self._window_start = None
+        if "window" in state:  # read the window again from where it started, then skip what was drawn
+            window = state["window"]
+            self._position, self._carry = tuple(window["position"]), list(window["carry"])
+            self._read_window(window["index"])
+            self._drawn = window["drawn"]
 
 
 class ChatStream(BatchStream):
@@ -213,6 +264,7 @@ def build_batches(
     world_size: int,
     seed: int,
     columns: DataColumns = DataColumns(),
+    shuffle_sequences: int = 1,
 ) -> BatchStream:
     """The endless batch stream of data-parallel rank ``rank`` of ``world_size``.
 
@@ -220,9 +272,12 @@ def build_batches(
     (its ``*.parquet`` files, sorted by name). Files with ``columns.messages_column`` hold chat rows (with
     ``columns.images_column`` optional); others need ``columns.text_column``. ``processor`` is the host's
     tokenizer, or its processor for image-text models. ``columns.tokens`` picks the trained positions.
+    ``shuffle_sequences`` is the window of packed sequences drawn in a shuffled order (1: the stream's
+    own order); chat rows, one per sequence, come in the source's shuffled row order anyway.
     Bad files and columns are reported here, before any batch.
     """
-    for label, value in (("ctx_len", ctx_len), ("batch_size", batch_size), ("world_size", world_size)):
+    for label, value in (("ctx_len", ctx_len), ("batch_size", batch_size), ("world_size", world_size),
+                         ("shuffle_sequences", shuffle_sequences)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}.")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -239,5 +294,5 @@ def build_batches(
     column = {"builtin": None, "text": columns.text_column, "tokens": TOKENS_COLUMN}[kind]
     return PackedTextStream(
         source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
-        pretokenized=kind == "tokens", **share,
+        pretokenized=kind == "tokens", shuffle_sequences=shuffle_sequences, seed=seed, **share,
     )

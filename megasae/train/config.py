@@ -143,6 +143,10 @@ class TrainConfig(SaeConfig):
     """Sequences per forward on each rank; gradients accumulate up to --batch-tokens."""
     ctx_len: int = 256
     """Tokens per sequence: plain text is packed into chunks of this length, chat rows cut to it."""
+    shuffle_sequences: int = 1024
+    """Read packed text this many sequences ahead and train on them in a seeded random order, so a step's
+    sequences come from all over the data, not from one long document (BatchTopK's batch selection and
+    threshold need that); 1 trains in the data's order."""
     lr: SweptOptionalFloat = None
     """Adam learning rate; none means 2e-4 / sqrt(num_latents / 2^14) (sweeps)."""
     warmup_steps: int = 50
@@ -202,8 +206,8 @@ class TrainConfig(SaeConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_at_least(self, 1, "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len", "log_every",
-                       "eval_tokens", "tp", "pp")
+        check_at_least(self, 1, "max_tokens", "batch_tokens", "micro_batch_size", "ctx_len",
+                       "shuffle_sequences", "log_every", "eval_tokens", "tp", "pp")
         check_at_least(self, 0, "warmup_steps", "grad_clip", "save_every", "eval_every")
         check_outlier_factor(self.outlier_factor)
         for sae in self.saes():  # a bad sweep fails now, before anything loads

@@ -132,7 +132,8 @@ class Trainer:
                                                          built.targets)
             self.batches = build_batches(
                 cfg.data, self.processor, ctx_len=cfg.ctx_len, batch_size=cfg.micro_batch_size,
-                rank=self.par.dp_rank, world_size=self.par.dp_size, **data_args
+                rank=self.par.dp_rank, world_size=self.par.dp_size, shuffle_sequences=cfg.shuffle_sequences,
+                **data_args
             )
         self._check_first_batch()
         # The first data-parallel replica evaluates (all its tensor-parallel ranks and pipeline stages: the
