@@ -41,6 +41,7 @@ TRAIN_CASES = [
     (["--k", "abc"], "Error parsing --k: invalid literal for int() with base 10: 'abc'"),
     (["--bogus-flag", "3"], "Unrecognized options: --bogus-flag, 3"),
     (["--ctx-len", "0"], "--ctx-len must be at least 1, got 0"),
+    (["--shuffle-sequences", "0"], "--shuffle-sequences must be at least 1, got 0"),
     (["--batch-tokens", "0"], "--batch-tokens must be at least 1, got 0"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1, got 0"),
     (["--log-every", "0"], "--log-every must be at least 1, got 0"),
