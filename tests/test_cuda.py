@@ -40,9 +40,10 @@ def train(host_dir, data, out, device, **overrides):
     return records, load_file(out / "adapter_model.safetensors")
 
 
-def test_fp32_training_on_cuda_follows_the_cpu_run(host_dir, words_data, tmp_path):
-    cpu, cpu_weights = train(host_dir, words_data, tmp_path / "cpu", "cpu")
-    gpu, gpu_weights = train(host_dir, words_data, tmp_path / "cuda", "cuda")
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_fp32_training_on_cuda_follows_the_cpu_run(host_dir, words_data, tmp_path, architecture):
+    cpu, cpu_weights = train(host_dir, words_data, tmp_path / "cpu", "cpu", architecture=architecture)
+    gpu, gpu_weights = train(host_dir, words_data, tmp_path / "cuda", "cuda", architecture=architecture)
     # Step 1 sees the same batch and the same init: equal to float32 rounding.
     for key in ("loss", "fvu", "auxk", "l0"):
         assert gpu[0][key] == pytest.approx(cpu[0][key], rel=1e-4, abs=1e-6), key
