@@ -101,9 +101,9 @@ class PackedTextStream(BatchStream):
         tokenizer,
         ctx_len: int,
         column: str | None,
+        *,
+        shuffle_sequences: int,
         pretokenized: bool = False,
-        shuffle_sequences: int = 1,
-        seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -117,7 +117,7 @@ class PackedTextStream(BatchStream):
         self._tokenizer, self._eos_id, self._ctx_len = tokenizer, tokenizer.eos_token_id, ctx_len
         self._pretokenized, self._vocab_size = pretokenized, len(tokenizer)
         self._carry: list[int] = []  # tokens read but not yet batched
-        self._shuffle, self._seed = shuffle_sequences, seed
+        self._shuffle = shuffle_sequences
         # Shuffled: the window of sequences read ahead, in the order they are drawn; how many of
         # them have been drawn; and the window's index and the point its reading started from (its state).
         self._window: torch.Tensor | None = None
@@ -155,7 +155,7 @@ class PackedTextStream(BatchStream):
         """Read window ``index``: the next shuffle_sequences sequences, permuted as (seed, index) seeds."""
         self._window_start = {"index": index, "position": list(self._position), "carry": list(self._carry)}
         window = self._read(self._shuffle)
-        order = np.random.default_rng([self._seed, index]).permutation(self._shuffle)
+        order = np.random.default_rng([self._identity["seed"], index]).permutation(self._shuffle)
         self._window, self._drawn = window[torch.from_numpy(order)], 0
 
     def _draw(self, count: int) -> torch.Tensor:
@@ -294,5 +294,5 @@ def build_batches(
     column = {"builtin": None, "text": columns.text_column, "tokens": TOKENS_COLUMN}[kind]
     return PackedTextStream(
         source, name, masker, batch_size, identity, tokenizer_of(processor), ctx_len, column,
-        pretokenized=kind == "tokens", shuffle_sequences=shuffle_sequences, seed=seed, **share,
+        shuffle_sequences=shuffle_sequences, pretokenized=kind == "tokens", **share,
     )
