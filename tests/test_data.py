@@ -210,8 +210,8 @@ def test_resume_inside_a_shuffled_window(tokenizer, text_dir):
 
 
 def test_ranks_share_every_shuffled_batch(tokenizer, text_dir):
-    make = lambda **kw: stream(text_dir, tokenizer, **{"shuffle_sequences": 5} | kw)  # noqa: E731
-    share_of_one_stream(make, 2, batches=12)
+    shuffled = {"shuffle_sequences": 5}
+    share_of_one_stream(lambda **kw: stream(text_dir, tokenizer, **shuffled | kw), 2, batches=12)
 
 
 def test_a_state_saved_before_shuffling_resumes_only_unshuffled(tokenizer, text_dir):
